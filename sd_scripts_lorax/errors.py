@@ -1,0 +1,28 @@
+"""The one error type users see.
+
+Every problem with user input (paths, files, shapes, families, arguments) is raised as
+`LoraxInputError` with a one-line message naming the file, the module and the shapes involved.
+Entry points catch it, print `error: <message>` to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_BAD_INPUT = 2
+
+
+class LoraxInputError(Exception):
+    """Bad input: a one-line, user-facing message."""
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn LoraxInputError into one line on stderr and exit code 2."""
+    try:
+        yield
+    except LoraxInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
