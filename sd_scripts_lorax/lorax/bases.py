@@ -1,0 +1,199 @@
+"""Top-r singular bases of a base weight (DESIGN.md section 2).
+
+Three interchangeable ways to get the same bases, all returning float32 on the input's device with
+one fixed sign convention (the largest-|.| entry of every `u` column is positive, the matching `v`
+column flipped with it), so the same weights always give the same bases:
+
+- "exact": `torch.linalg.svd(full_matrices=False)` in float32. The reference.
+- "gram": eigen-decomposition of the smaller Gram matrix (W W^T or W^T W) in float64, then the
+  other factor by one matmul, orthonormalised by a QR (which also completes the basis where
+  singular values are zero). Tolerance vs "exact": the projectors U U^T and V V^T agree to
+  ||P_gram - P_exact||_F / sqrt(r) < 1e-4 and singular values to 1e-5 relative (of s_max) whenever
+  the spectrum is not degenerate at r (s_r - s_{r+1} > 1e-3 s_max); the float64 Gram matrix keeps
+  singular values down to ~1e-7 s_max, which float32 SVD itself does not beat.
+- "randomized": subspace (block power) iteration with oversampling (k = r + max(10, r/2)) and
+  `power_iters` (4) re-orthonormalised power iterations from a fixed-seed test matrix, so it is
+  deterministic. The products with W run in float32, the small problems in float64. Tolerance vs
+  "exact": when the spectrum has a gap at r (s_{r+1} / s_r <= 0.5) the projectors agree to
+  ||P_rand - P_exact||_F / sqrt(r) < 1e-3 and the top-r singular values to 1e-4 relative. Without a
+  gap the subspace is only approximate (that is what "randomized" means); "auto" never picks it
+  where gram is affordable.
+- "auto": "gram" when min(out, n) <= 4096 (every SD1/SD2/SDXL layer), otherwise "randomized" when
+  r <= min(out, n) / 8, otherwise "exact".
+
+Degenerate input: rank <= 0 and NaN/Inf raise ValueError; a zero (or rank-deficient) matrix gives
+valid orthonormal bases with zero singular values, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+METHODS = ("auto", "exact", "gram", "randomized")
+# Part of the SVD cache key: bump when the numbers a method returns change.
+METHOD_VERSION = "bases-v1"
+
+_GRAM_MAX_DIM = 4096
+_RANDOMIZED_MAX_FRACTION = 8
+_POWER_ITERS = 4
+_SEED = 20250124
+
+
+@dataclass(frozen=True)
+class Bases:
+    """Top-r singular triplets: W ~ u diag(s) v^T; u (out, r), s (r,), v (n, r), float32.
+
+    Batched results carry a leading batch dimension on all three.
+    """
+
+    u: Tensor
+    s: Tensor
+    v: Tensor
+
+    @property
+    def rank(self) -> int:
+        """Number of singular triplets kept."""
+        return int(self.s.shape[-1])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Bases":
+        """The same bases on another device / dtype."""
+        return Bases(self.u.to(device=device, dtype=dtype), self.s.to(device=device, dtype=dtype),
+                     self.v.to(device=device, dtype=dtype))
+
+    def __getitem__(self, i: int) -> "Bases":
+        """Item `i` of a batched result."""
+        return Bases(self.u[i], self.s[i], self.v[i])
+
+
+def choose_method(out: int, n: int, rank: int) -> str:
+    """The method "auto" picks for an (out, n) matrix at this rank."""
+    m = min(out, n)
+    if m <= _GRAM_MAX_DIM:
+        return "gram"
+    if min(rank, m) * _RANDOMIZED_MAX_FRACTION <= m:
+        return "randomized"
+    return "exact"
+
+
+def top_bases(w: Tensor, rank: int, method: str = "auto") -> Bases:
+    """Top-r bases of one weight: 2-D (out, in) or 4-D (out, in, kh, kw), any float dtype.
+
+    Returns `Bases(u (out, r), s (r,), v (in*kh*kw, r))` in float32 on w's device,
+    r = min(rank, out, in*kh*kw). See the module docstring for methods and tolerances.
+    """
+    if w.dim() not in (2, 4):
+        raise ValueError(f"top_bases: expected a 2-D or 4-D weight, got shape {tuple(w.shape)}")
+    return top_bases_batched(w.reshape(1, w.shape[0], -1), rank, method)[0]
+
+
+def top_bases_batched(ws: Tensor, rank: int, method: str = "auto") -> Bases:
+    """Top-r bases of a stack of same-shape weights: (B, out, n) or (B, out, in, kh, kw).
+
+    Returns Bases with u (B, out, r), s (B, r), v (B, n, r); same rules as `top_bases`.
+    """
+    if ws.dim() not in (3, 5):
+        raise ValueError(f"top_bases_batched: expected (B, out, n) or (B, out, in, kh, kw), got {tuple(ws.shape)}")
+    rank = _check_rank(rank)
+    if not ws.is_floating_point():
+        raise ValueError(f"top_bases: expected a floating-point weight, got {ws.dtype}")
+    w = ws.reshape(ws.shape[0], ws.shape[1], -1).to(torch.float32)
+    _check_finite(w)
+    batch, out, n = w.shape
+    r = min(rank, out, n)
+    if method == "auto":
+        method = choose_method(out, n, r)
+    if method == "exact":
+        u, s, v = _exact(w, r)
+    elif method == "gram":
+        u, s, v = _gram(w, r)
+    elif method == "randomized":
+        u, s, v = _randomized(w, r)
+    else:
+        raise ValueError(f"top_bases: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    u, v = _fix_signs(u, v)
+    return Bases(u.to(torch.float32).contiguous(), s.to(torch.float32).contiguous(), v.to(torch.float32).contiguous())
+
+
+def _check_rank(rank: int) -> int:
+    if isinstance(rank, bool) or int(rank) != rank or rank <= 0:
+        raise ValueError(f"top_bases: rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check_finite(w: Tensor) -> None:
+    if torch.isfinite(w).all():
+        return
+    what = "NaN" if torch.isnan(w).any() else "Inf"
+    raise ValueError(f"top_bases: weight of shape {tuple(w.shape[1:])} contains {what}")
+
+
+def _exact(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[..., :r], s[..., :r], vh[..., :r, :].transpose(-2, -1)
+
+
+def _orthonormal_factor(wt_x: Tensor) -> Tensor:
+    """Orthonormal columns spanning wt_x's columns, in order, with R's diagonal made positive.
+
+    wt_x = W^T U (or W V) has orthogonal columns of norms s; QR normalises them and, where s is
+    zero, completes them to an orthonormal set instead of dividing by zero.
+    """
+    q, rr = torch.linalg.qr(wt_x)
+    diag = torch.diagonal(rr, dim1=-2, dim2=-1)
+    sign = torch.where(diag < 0, -1.0, 1.0).to(q.dtype)
+    return q * sign.unsqueeze(-2)
+
+
+def _gram(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    w64 = w.to(torch.float64)
+    out, n = w.shape[-2:]
+    wt = w64.transpose(-2, -1)
+    small_side_is_u = out <= n
+    gram = w64 @ wt if small_side_is_u else wt @ w64
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals = evals.flip(-1)[..., :r]
+    evecs = evecs.flip(-1)[..., :r]
+    s = evals.clamp_min(0).sqrt()
+    if small_side_is_u:
+        u = evecs
+        v = _orthonormal_factor(wt @ u)
+    else:
+        v = evecs
+        u = _orthonormal_factor(w64 @ v)
+    return u, s, v
+
+
+def _test_matrix(batch: int, n: int, k: int, device: torch.device) -> Tensor:
+    # Fixed seed, drawn on the CPU: the same weights give the same bases on every device.
+    gen = torch.Generator(device="cpu").manual_seed(_SEED)
+    return torch.randn(batch, n, k, generator=gen, dtype=torch.float32).to(device)
+
+
+def _randomized(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    out, n = w.shape[-2:]
+    m = min(out, n)
+    k = min(m, r + max(10, r // 2))
+    # Work on the wide orientation so the test matrix lives on the long side.
+    a = w if out <= n else w.transpose(-2, -1)
+    wt = a.transpose(-2, -1)
+    q = torch.linalg.qr(a @ _test_matrix(a.shape[0], a.shape[-1], k, a.device))[0]
+    for _ in range(_POWER_ITERS):
+        z = torch.linalg.qr(wt @ q)[0]
+        q = torch.linalg.qr(a @ z)[0]
+    b = (q.transpose(-2, -1) @ a).to(torch.float64)  # (k, long side)
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    left = q.to(torch.float64) @ ub[..., :r]
+    right = vh[..., :r, :].transpose(-2, -1)
+    s = s[..., :r]
+    return (left, s, right) if out <= n else (right, s, left)
+
+
+def _fix_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each (u_i, v_i) pair so that the largest-|.| entry of u_i is positive."""
+    idx = u.abs().argmax(dim=-2, keepdim=True)
+    pivot = torch.gather(u, -2, idx)
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign, v * sign.to(v.dtype)
