@@ -1,0 +1,129 @@
+"""On-disk cache of top-r bases: a folder of small .safetensors files (u, s, v).
+
+The key is sha256 over (a cache-format tag, the bases method version and method, dtype, shape,
+rank, the weight's bytes as stored), so a changed weight, dtype, rank or algorithm never hits an old
+entry. Entries are written atomically; an unreadable or inconsistent entry is recomputed and
+replaced, never fatal. No math here: computing bases is the caller's `compute` callback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write
+from .errors import LoraxInputError
+from .lorax.bases import METHOD_VERSION, Bases
+
+log = logging.getLogger(__name__)
+
+_FORMAT_TAG = b"sd-scripts-lorax svd-cache v1\0"
+
+
+def weight_bytes_view(weight: torch.Tensor):
+    """The weight's raw bytes (CPU, contiguous) as a zero-copy buffer for hashing."""
+    flat = weight.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def cache_key(weight: torch.Tensor, rank: int, method: str = "auto", version: str = METHOD_VERSION) -> str:
+    """Hex sha256 naming the cache entry of `weight` at `rank` for this bases method/version."""
+    h = hashlib.sha256(_FORMAT_TAG)
+    header = f"{version}\0{method}\0{weight.dtype}\0{tuple(weight.shape)}\0{int(rank)}\0"
+    h.update(header.encode())
+    h.update(weight_bytes_view(weight))
+    return h.hexdigest()
+
+
+def _entry_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"{key}.safetensors"
+
+
+def _prepare_dir(cache_dir: str | os.PathLike) -> Path:
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoraxInputError(f"{path}: cannot create the SVD cache folder ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK):
+        raise LoraxInputError(f"{path}: the SVD cache folder is not writable")
+    return path
+
+
+def _expected_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int], tuple[int, int]]:
+    out = weight.shape[0]
+    n = weight[0].numel() if weight.dim() > 0 and out > 0 else 0
+    r = min(rank, out, n)
+    return (out, r), (r,), (n, r)
+
+
+def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
+    """The entry at `path`, or None when missing, unreadable or not matching this weight."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        bases = Bases(tensors["u"], tensors["s"], tensors["v"])
+    except Exception as exc:  # corrupt/truncated entry: any failure means "recompute"
+        log.warning("SVD cache entry %s unreadable (%s); recomputing", path, exc)
+        return None
+    want = _expected_shapes(weight, rank)
+    got = (tuple(bases.u.shape), tuple(bases.s.shape), tuple(bases.v.shape))
+    finite = all(torch.isfinite(t).all() for t in (bases.u, bases.s, bases.v))
+    if got != want or not finite:
+        log.warning("SVD cache entry %s has shapes %s, expected %s (or non-finite values); recomputing", path, got, want)
+        return None
+    return bases
+
+
+def _save(path: Path, bases: Bases, key: str) -> None:
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
+               for name, t in (("u", bases.u), ("s", bases.s), ("v", bases.v))}
+    try:
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": key, "rank": str(bases.rank)})
+    except OSError as exc:  # a full disk must not lose the computed bases
+        log.warning("could not write SVD cache entry %s (%s)", path, exc)
+
+
+def get_or_compute(weight: torch.Tensor, rank: int, cache_dir: str | os.PathLike | None,
+                   compute: Callable[[], Bases], method: str = "auto") -> Bases:
+    """Bases of `weight` at `rank` from the cache, or `compute()` them and store them.
+
+    `cache_dir=None` disables the cache. The result lives on `weight.device`.
+    """
+    return get_many([weight], rank, cache_dir, lambda missing: [compute()], method=method)[0]
+
+
+def get_many(weights: Sequence[torch.Tensor], rank: int, cache_dir: str | os.PathLike | None,
+             compute_missing: Callable[[list[int]], list[Bases]], method: str = "auto") -> list[Bases]:
+    """Bases for every weight; the misses are computed in one `compute_missing(indices)` call.
+
+    `compute_missing` gets the indices (into `weights`) of the misses and returns their bases in the
+    same order, so callers can batch them (e.g. `top_bases_batched` per shape).
+    """
+    results: list[Bases | None] = [None] * len(weights)
+    paths: list[Path | None] = [None] * len(weights)
+    keys: list[str] = [""] * len(weights)
+    folder = _prepare_dir(cache_dir) if cache_dir is not None else None
+    if folder is not None:
+        for i, w in enumerate(weights):
+            keys[i] = cache_key(w, rank, method)
+            paths[i] = _entry_path(folder, keys[i])
+            results[i] = _load(paths[i], w, rank)
+    missing = [i for i, b in enumerate(results) if b is None]
+    if missing:
+        computed = compute_missing(missing)
+        if len(computed) != len(missing):
+            raise ValueError(f"compute_missing returned {len(computed)} bases for {len(missing)} weights")
+        for i, bases in zip(missing, computed):
+            results[i] = bases
+            if folder is not None:
+                _save(paths[i], bases, keys[i])
+    return [b.to(device=w.device) for b, w in zip(results, weights)]  # type: ignore[union-attr]

@@ -1,0 +1,133 @@
+"""SVD cache: hits, misses, keys, batching of misses, corrupt entries, atomic writes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sd_scripts_lorax import svd_cache
+from sd_scripts_lorax.errors import LoraxInputError
+from sd_scripts_lorax.lorax import top_bases
+
+
+class Counter:
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def many(self, weights, rank):
+        def compute(missing):
+            self.calls.append(list(missing))
+            return [top_bases(weights[i], rank) for i in missing]
+        return compute
+
+
+def test_miss_then_hit_returns_identical_bases(tmp_path):
+    w = torch.randn(24, 8, 3, 3)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return top_bases(w, 6)
+
+    first = svd_cache.get_or_compute(w, 6, tmp_path, compute)
+    second = svd_cache.get_or_compute(w.clone(), 6, tmp_path, compute)
+    assert len(calls) == 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert torch.equal(first.u, second.u) and torch.equal(first.s, second.s) and torch.equal(first.v, second.v)
+    assert second.v.shape == (72, 6)
+
+
+def test_key_depends_on_bytes_dtype_shape_rank_method():
+    w = torch.randn(6, 10)
+    base = svd_cache.cache_key(w, 4)
+    assert svd_cache.cache_key(w.clone(), 4) == base
+    w2 = w.clone()
+    w2[0, 0] = torch.nextafter(w2[0, 0], torch.tensor(10.0))
+    assert svd_cache.cache_key(w2, 4) != base
+    assert svd_cache.cache_key(w.half(), 4) != base
+    assert svd_cache.cache_key(w.reshape(10, 6), 4) != base
+    assert svd_cache.cache_key(w, 5) != base
+    assert svd_cache.cache_key(w, 4, method="randomized") != base
+    assert svd_cache.cache_key(w, 4, version="other") != base
+    # bf16 has no numpy dtype: the raw bytes are still hashed
+    assert svd_cache.cache_key(w.bfloat16(), 4) != svd_cache.cache_key(w.half(), 4)
+    # non-contiguous views hash their values, not their storage
+    assert svd_cache.cache_key(w.T.contiguous(), 4) == svd_cache.cache_key(w.T, 4)
+
+
+def test_get_many_batches_only_misses(tmp_path):
+    ws = [torch.randn(10, 12, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    c = Counter()
+    svd_cache.get_many(ws[:2], 3, tmp_path, c.many(ws[:2], 3))
+    out = svd_cache.get_many(ws, 3, tmp_path, c.many(ws, 3))
+    assert c.calls == [[0, 1], [2, 3, 4]]
+    for w, b in zip(ws, out):
+        ref = top_bases(w, 3)
+        assert torch.equal(b.u, ref.u) and torch.equal(b.v, ref.v)
+    out = svd_cache.get_many(ws, 3, tmp_path, c.many(ws, 3))
+    assert len(c.calls) == 2
+
+
+def test_no_cache_dir_just_computes(tmp_path):
+    ws = [torch.randn(4, 4)]
+    c = Counter()
+    svd_cache.get_many(ws, 2, None, c.many(ws, 2))
+    svd_cache.get_many(ws, 2, None, c.many(ws, 2))
+    assert c.calls == [[0], [0]]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "nan"])
+def test_corrupt_entry_is_recomputed(tmp_path, damage):
+    w = torch.randn(12, 20)
+    svd_cache.get_or_compute(w, 4, tmp_path, lambda: top_bases(w, 4))
+    (entry,) = tmp_path.glob("*.safetensors")
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:40])
+    elif damage == "garbage":
+        entry.write_bytes(b"\xff" * 100)
+    else:
+        from safetensors.torch import save_file
+        bad = top_bases(w, 3) if damage == "wrong_shape" else top_bases(w, 4)
+        s = bad.s.clone()
+        if damage == "nan":
+            s[0] = float("nan")
+        save_file({"u": bad.u, "s": s, "v": bad.v}, str(entry))
+    calls = []
+    got = svd_cache.get_or_compute(w, 4, tmp_path, lambda: calls.append(1) or top_bases(w, 4))
+    assert calls == [1]
+    assert torch.equal(got.u, top_bases(w, 4).u)
+    # and the entry was repaired
+    svd_cache.get_or_compute(w, 4, tmp_path, lambda: calls.append(1) or top_bases(w, 4))
+    assert calls == [1]
+
+
+def test_failed_compute_leaves_no_entry(tmp_path):
+    w = torch.randn(5, 5)
+
+    def boom(missing):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        svd_cache.get_many([w], 2, tmp_path, boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_dir_created_and_bad_dir_refused(tmp_path):
+    w = torch.randn(5, 5)
+    nested = tmp_path / "a" / "b"
+    svd_cache.get_or_compute(w, 2, nested, lambda: top_bases(w, 2))
+    assert len(list(nested.glob("*.safetensors"))) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LoraxInputError, match="SVD cache folder"):
+        svd_cache.get_or_compute(w, 2, blocker / "sub", lambda: top_bases(w, 2))
+
+
+def test_hashing_is_fast():
+    w = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
+    t = time.perf_counter()
+    svd_cache.cache_key(w, 32)
+    elapsed = time.perf_counter() - t
+    assert elapsed < 2.0, f"hashing 64 MiB took {elapsed:.2f}s"
