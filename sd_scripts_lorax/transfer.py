@@ -1,0 +1,521 @@
+"""The training-free transfer pipeline (paper Eq. 3): LoRA(-X) files + source + target -> LoRA-X files.
+
+Streaming: only the weights the adapters touch are read, one module at a time, from both
+checkpoints. Per module:
+
+- identical stored weights (``torch.equal``) -> the adapter is copied as is, no SVD (reason "identical");
+- otherwise source bases (for the similarity) and target bases (for the projection) at the module's
+  rank; several input LoRAs share one target SVD per module, taken at the largest rank any of them
+  needs and sliced (the top-r of a top-R SVD are its first r columns);
+- phi = min(phi_U, phi_V) >= threshold -> ``up = U_t C``, ``down = V_t^T``, ``alpha = r`` with
+  ``C = (U_t^T up_s)(down_s V_t)``: the output is itself a LoRA-X adapter of the target.
+
+Everything is validated before any output is written; outputs, reports and plots are written
+atomically, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .atomic import check_writable
+from .errors import LoraxInputError
+from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
+from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
+                              TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
+                              split_block, write_json)
+
+MATCH_MODES = ("name", "similarity")
+PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+                   "bf16": torch.bfloat16}
+
+__all__ = ["transfer", "TransferReport", "ModuleResult", "MATCH_MODES", "PRECISIONS", "SAVE_PRECISIONS"]
+
+
+# ---------------------------------------------------------------- options and outputs
+
+
+def _check_options(threshold: float, match: str, device: str, precision: str,
+                   save_precision: str | None) -> torch.device:
+    if not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        raise LoraxInputError(f"--threshold must be in [0, 1], got {threshold!r}")
+    if match not in MATCH_MODES:
+        raise LoraxInputError(f"--match must be one of {', '.join(MATCH_MODES)}, got {match!r}")
+    if precision not in PRECISIONS:
+        raise LoraxInputError(f"--precision must be one of float, fp16, bf16, got {precision!r}")
+    if save_precision is not None and save_precision not in SAVE_PRECISIONS:
+        raise LoraxInputError(f"--save_precision must be one of fp16, bf16, float, got {save_precision!r}")
+    dev = str(device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoraxInputError(f"--device {dev}: CUDA is not available here (torch {torch.__version__}, "
+                                  f"cuda build: {torch.version.cuda or 'none'}); use --device cpu")
+    elif dev != "cpu":
+        raise LoraxInputError(f"--device must be cpu or cuda, got {dev!r}")
+    return torch.device(dev)
+
+
+def output_paths(loras: Sequence[Path], save_to: str | os.PathLike | None, target_name: str) -> list[Path]:
+    """Where each input's output goes: SAVE_TO itself (one input, *.safetensors) or a file in folder SAVE_TO."""
+    if save_to is None:
+        raise LoraxInputError("no output given: pass --save_to OUT.safetensors|FOLDER (or --dry_run)")
+    save_to = Path(save_to)
+    if save_to.suffix == ".safetensors" and not save_to.is_dir():
+        if len(loras) > 1:
+            raise LoraxInputError(f"{save_to}: {len(loras)} --lora inputs need an output folder, not one file")
+        return [save_to]
+    if not save_to.is_dir():
+        raise LoraxInputError(f"{save_to}: output folder does not exist")
+    target_stem = Path(target_name).stem or "target"
+    outs = [save_to / f"{p.stem}_to_{target_stem}.safetensors" for p in loras]
+    if len(set(outs)) != len(outs):
+        raise LoraxInputError(f"{save_to}: two --lora inputs share a file name; give them distinct names")
+    return outs
+
+
+def side_paths(path: str | os.PathLike | None, loras: Sequence[Path], per_input: bool) -> list[Path | None]:
+    """Report/plot paths: the path itself, or with several inputs ``<stem>.<lora stem><suffix>`` each."""
+    if path is None:
+        return [None] * len(loras)
+    path = Path(path)
+    if not per_input or len(loras) == 1:
+        return [path] * len(loras)
+    return [path.with_name(f"{path.stem}.{p.stem}{path.suffix}") for p in loras]
+
+
+def _filtered(name: str, patterns: Sequence[str]) -> bool:
+    short = name[len("lora_"):] if name.startswith("lora_") else name
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
+
+
+# ---------------------------------------------------------------- validation of inputs against each other
+
+
+def lora_family_hint(names: Iterable[str], metadata: dict[str, str]) -> str | None:
+    """"sdxl" / "sd1-or-sd2" from the LoRA's names (te1/te2, input_blocks) or kohya metadata, else None."""
+    names = list(names)
+    if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith("lora_unet_input_blocks_")
+           or n.startswith("lora_unet_output_blocks_") or n.startswith("lora_unet_middle_block_")
+           for n in names):
+        return "sdxl"
+    if any(n.startswith("lora_te_") or n.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_",
+                                                    "lora_unet_mid_block_")) for n in names):
+        return "sd1-or-sd2"
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith(("sd_v1", "sd_v2")):
+        return "sd1-or-sd2"
+    return None
+
+
+def _shape_str(shape: Iterable[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def check_lora_against_source(lora: "LoraFile", src: "Checkpoint") -> None:
+    """The LoRA's family, module names and factor shapes must fit the source checkpoint."""
+    hint = lora_family_hint(lora.modules, lora.metadata)
+    src_is_xl = src.family == "sdxl"
+    if hint is not None and (hint == "sdxl") != src_is_xl:
+        example = next(iter(sorted(lora.modules)), "?")
+        raise LoraxInputError(
+            f"{lora.path}: LoRA is for {'SDXL' if hint == 'sdxl' else 'SD1/SD2'} (e.g. module {example}) but "
+            f"the source model {src.path} is {src.family}: a LoRA transfers only within one family")
+    refs = src.modules()
+    for name in sorted(lora.modules):
+        mod = lora.modules[name]
+        ref = refs.get(name)
+        if ref is None:
+            raise LoraxInputError(f"{lora.path}: module {name} maps to nothing in the source model {src.path} "
+                                  f"({src.family}, {len(refs)} modules)")
+        out, n = ref.shape[0], math.prod(ref.shape[1:])
+        up_out, down_n = mod.up.shape[0], math.prod(mod.down.shape[1:])
+        if up_out != out or down_n != n or mod.up.shape[1] != mod.down.shape[0]:
+            raise LoraxInputError(
+                f"{lora.path}: module {name} has up {_shape_str(mod.up.shape)} / down {_shape_str(mod.down.shape)} "
+                f"but the source weight {ref.key} in {src.path} is {_shape_str(ref.shape)}")
+        for what, t in (("up", mod.up), ("down", mod.down)):
+            if not torch.isfinite(t).all():
+                raise LoraxInputError(f"{lora.path}: module {name} {what} {_shape_str(t.shape)} contains NaN/Inf")
+
+
+def check_checkpoints(src: "Checkpoint", tgt: "Checkpoint", names: Iterable[str]) -> None:
+    """Same family; the modules the LoRAs touch must (mostly) have the same shapes in both models.
+
+    A different architecture (more than half of the touched modules shaped differently) is an error
+    naming the first mismatch; isolated mismatches are reported per module as "shape mismatch".
+    """
+    if src.family != tgt.family:
+        raise LoraxInputError(f"source model {src.path} is {src.family} but target model {tgt.path} is "
+                              f"{tgt.family}: transfer works only within one family")
+    s_refs, t_refs = src.modules(), tgt.modules()
+    shared = [n for n in sorted(names) if n in s_refs and n in t_refs]
+    bad = [n for n in shared if tuple(s_refs[n].shape) != tuple(t_refs[n].shape)]
+    if bad and 2 * len(bad) > len(shared):
+        n = bad[0]
+        raise LoraxInputError(
+            f"source model {src.path} and target model {tgt.path} have different shapes: module {n} is "
+            f"{_shape_str(s_refs[n].shape)} in the source and {_shape_str(t_refs[n].shape)} in the target "
+            f"({len(bad)} of {len(shared)} modules differ)")
+
+
+# ---------------------------------------------------------------- bases
+
+
+def slice_bases(b: Bases, r: int) -> Bases:
+    """The top-r triplets of a top-R result (R >= r)."""
+    return Bases(b.u[:, :r], b.s[:r], b.v[:, :r])
+
+
+@dataclass
+class _BasesProvider:
+    """Top bases of stored weights, on the compute device, through the SVD cache when one is given."""
+
+    device: torch.device
+    cache_dir: Path | None = None
+    computed: int = 0   # SVDs actually run (cache misses), for tests and benchmarks
+
+    def __call__(self, w: torch.Tensor, rank: int) -> Bases:
+        """Bases of a stored (CPU) weight at `rank`, on the compute device."""
+        from . import svd_cache
+
+        def compute() -> Bases:
+            self.computed += 1
+            return top_bases(w.to(self.device), rank)
+
+        # the cache keys on the stored bytes, so it gets the CPU tensor; results move afterwards
+        return svd_cache.get_or_compute(w, rank, self.cache_dir, compute).to(self.device)
+
+
+def _delta_norm(up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
+    """||scale * up @ down||_F from the factors: sqrt(trace((up^T up)(down down^T)))."""
+    u = up.reshape(up.shape[0], -1).to(torch.float64)
+    d = down.reshape(down.shape[0], -1).to(torch.float64)
+    return abs(scale) * math.sqrt(max(0.0, float(((u.T @ u) * (d @ d.T)).sum())))
+
+
+# ---------------------------------------------------------------- per-module work
+
+
+@dataclass
+class _Job:
+    """One input LoRA in flight: its file, its report, its output modules."""
+
+    path: Path
+    lora: "LoraFile"
+    report: TransferReport
+    plain: bool
+    out: dict[str, "LoraModule"] = field(default_factory=dict)
+
+
+def _module_rank(mod: "LoraModule", shape: tuple[int, ...]) -> int:
+    return min(int(mod.down.shape[0]), int(shape[0]), math.prod(shape[1:]))
+
+
+def _project(job: _Job, src_name: str, out_name: str, shape: tuple[int, ...], bs: Bases | None, bt: Bases,
+             threshold: float, dtype: torch.dtype, device: torch.device) -> None:
+    """Similarity at the module's rank, then Eq. 3 onto the target bases (kept if phi >= threshold)."""
+    from .lora_file import LoraModule
+
+    mod = job.lora.modules[src_name]
+    r = _module_rank(mod, shape)
+    bt_r = slice_bases(bt, r)
+    sim = module_similarity(slice_bases(bs, r), bt_r) if bs is not None else None
+    up, down = mod.up.to(device), mod.down.to(device)
+    scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+    norm_s = _delta_norm(up, down, scale)
+    up_t, down_t = project_factors(up.to(dtype), down.to(dtype), bt_r.u.to(dtype), bt_r.v.to(dtype), scale=scale)
+    norm_t = float(torch.linalg.vector_norm(up_t.to(torch.float64)))  # ||U_t C||_F = ||C||_F
+    kept = sim is None or sim.phi >= threshold
+    job.report.modules.append(ModuleResult(
+        name=out_name, shape=tuple(shape), rank=r, transferred=kept,
+        reason=TRANSFERRED if kept else BELOW_THRESHOLD,
+        phi_u=sim.phi_u if sim else None, phi_v=sim.phi_v if sim else None, source=src_name,
+        norm_source=norm_s, norm_target=norm_t,
+        energy_in_source_subspace=(energy_in_subspace(up, down, bs.u[:, :r], bs.v[:, :r])
+                                   if job.plain and bs is not None else None)))
+    if kept:
+        job.out[out_name] = LoraModule(name=out_name, down=down_t.cpu(), up=up_t.cpu(), alpha=float(r))
+
+
+def _copy_identical(job: _Job, name: str, shape: tuple[int, ...]) -> None:
+    mod = job.lora.modules[name]
+    scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+    norm = _delta_norm(mod.up, mod.down, scale)
+    job.report.modules.append(ModuleResult(
+        name=name, shape=tuple(shape), rank=int(mod.down.shape[0]), transferred=True, reason=IDENTICAL,
+        phi_u=1.0, phi_v=1.0, source=name, norm_source=norm, norm_target=norm))
+    job.out[name] = mod
+
+
+def _drop(job: _Job, name: str, shape: tuple[int, ...] | None, reason: str, source: str | None = None) -> None:
+    mod = job.lora.modules.get(source or name)
+    norm = None
+    if mod is not None:
+        scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+        norm = _delta_norm(mod.up, mod.down, scale)
+    job.report.modules.append(ModuleResult(
+        name=name, shape=tuple(shape or ()), rank=0, transferred=False, reason=reason, source=source or name,
+        norm_source=norm, norm_target=0.0 if norm is not None else None))
+
+
+def _progress(items: Sequence, enabled: bool, desc: str) -> Iterator:
+    if not enabled:
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    # tqdm's bar shows elapsed<remaining, which is the "time left" users ask for
+    yield from tqdm(items, desc=desc, unit="module", dynamic_ncols=True)
+
+
+def _run_name_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", bases: _BasesProvider,
+                    threshold: float, filters: Sequence[str], dtype: torch.dtype, device: torch.device,
+                    progress: bool) -> None:
+    s_refs, t_refs = src.modules(), tgt.modules()
+    names = sorted({n for j in jobs for n in j.lora.modules})
+    for name in _progress(names, progress, "transfer"):
+        users = [j for j in jobs if name in j.lora.modules]
+        s_ref = s_refs[name]
+        if _filtered(name, filters):
+            for j in users:
+                _drop(j, name, s_ref.shape, FILTERED)
+            continue
+        t_ref = t_refs.get(name)
+        if t_ref is None:
+            for j in users:
+                _drop(j, name, s_ref.shape, MISSING_IN_TARGET)
+            continue
+        if tuple(t_ref.shape) != tuple(s_ref.shape):
+            for j in users:
+                _drop(j, name, t_ref.shape, SHAPE_MISMATCH)
+            continue
+        w_s, w_t = src.weight(s_ref), tgt.weight(t_ref)
+        shape = tuple(s_ref.shape)
+        if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
+            for j in users:
+                _copy_identical(j, name, shape)
+            continue
+        rank = max(_module_rank(j.lora.modules[name], shape) for j in users)
+        bs, bt = bases(w_s, rank), bases(w_t, rank)
+        del w_s, w_t
+        for j in users:
+            _project(j, name, name, shape, bs, bt, threshold, dtype, device)
+
+
+def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", bases: _BasesProvider,
+                          threshold: float, filters: Sequence[str], dtype: torch.dtype, device: torch.device,
+                          progress: bool) -> None:
+    """Pair each target module with the most similar same-shaped source module of the same part and kind.
+
+    For distilled targets whose blocks were removed and renumbered. Candidate sources are the
+    modules the LoRAs touch; a same-named identical weight is paired with no SVD.
+    """
+    s_refs, t_refs = src.modules(), tgt.modules()
+
+    def kind(name: str, shape: Sequence[int]) -> tuple[str, str, tuple[int, ...]]:
+        return (s_refs[name].part if name in s_refs else t_refs[name].part, split_block(name)[1], tuple(shape))
+
+    touched = sorted({n for j in jobs for n in j.lora.modules if not _filtered(n, filters)})
+    for j in jobs:
+        for n in sorted(j.lora.modules):
+            if _filtered(n, filters):
+                _drop(j, n, s_refs[n].shape, FILTERED)
+    by_kind: dict[tuple, list[str]] = {}
+    for n in touched:
+        by_kind.setdefault(kind(n, s_refs[n].shape), []).append(n)
+    targets = sorted(n for n, ref in t_refs.items() if kind(n, ref.shape) in by_kind and not _filtered(n, filters))
+    src_bases: dict[str, Bases] = {}
+
+    def source_bases(n: str) -> Bases:
+        if n not in src_bases:
+            w = src.weight(s_refs[n])
+            r = max(_module_rank(j.lora.modules[n], s_refs[n].shape) for j in jobs if n in j.lora.modules)
+            src_bases[n] = bases(w, r)
+        return src_bases[n]
+
+    paired: dict[int, set[str]] = {id(j): set() for j in jobs}
+    for t_name in _progress(targets, progress, "transfer (similarity)"):
+        t_ref = t_refs[t_name]
+        shape = tuple(t_ref.shape)
+        cands = by_kind[kind(t_name, shape)]
+        w_t = tgt.weight(t_ref)
+        if t_name in cands:
+            w_s = src.weight(s_refs[t_name])
+            if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
+                for j in jobs:
+                    if t_name in j.lora.modules:
+                        _copy_identical(j, t_name, shape)
+                        paired[id(j)].add(t_name)
+                continue
+        rank = max(_module_rank(j.lora.modules[c], shape) for j in jobs for c in cands if c in j.lora.modules)
+        bt = bases(w_t, rank)
+        del w_t
+        for j in jobs:
+            mine = [c for c in cands if c in j.lora.modules]
+            if not mine:
+                continue
+            best, best_phi = None, -1.0
+            for c in mine:  # ties keep the first (sorted) name, so the pairing is deterministic
+                r = _module_rank(j.lora.modules[c], shape)
+                phi = module_similarity(slice_bases(source_bases(c), r), slice_bases(bt, r)).phi
+                if phi > best_phi + 1e-12:
+                    best, best_phi = c, phi
+            _project(j, best, t_name, shape, source_bases(best), bt, threshold, dtype, device)
+            paired[id(j)].add(best)
+    for j in jobs:
+        for n in sorted(j.lora.modules):
+            if n not in paired[id(j)] and not _filtered(n, filters):
+                _drop(j, n, s_refs[n].shape, MISSING_IN_TARGET)
+
+
+# ---------------------------------------------------------------- metadata and writing
+
+
+def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float) -> dict[str, str]:
+    from . import lora_file
+
+    meta = dict(job.lora.metadata)
+    s_hash, t_hash = src.hashes(), tgt.hashes()
+    rep = job.report
+    meta.update(lora_file.transfer_metadata(
+        source_name=src.name, source_hash=s_hash.sha256, target_name=tgt.name, target_hash=t_hash.sha256,
+        threshold=threshold, kept=len(rep.kept), dropped=len(rep.dropped)))
+    # kohya's base-model keys now describe the target
+    meta["ss_sd_model_name"] = tgt.name
+    meta["ss_sd_model_hash"] = t_hash.legacy
+    meta["ss_new_sd_model_hash"] = t_hash.sha256
+    ranks = {int(m.down.shape[0]) for m in job.out.values()}
+    alphas = {float(m.alpha) for m in job.out.values()}
+    if not job.plain or all(m.reason != IDENTICAL for m in rep.modules):
+        meta["ss_network_alpha"] = (str(int(next(iter(alphas)))) if len(alphas) == 1 else "Dynamic")
+    if len(ranks) == 1:
+        meta["ss_network_dim"] = str(next(iter(ranks)))
+    elif ranks:
+        meta["ss_network_dim"] = "Dynamic"
+    return meta
+
+
+def _save_dtype(job: _Job, save_precision: str | None) -> torch.dtype:
+    if save_precision is not None:
+        return SAVE_PRECISIONS[save_precision]
+    first = next(iter(job.lora.modules.values()))
+    return first.up.dtype  # keep the input's precision
+
+
+# ---------------------------------------------------------------- the public API
+
+
+def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
+             source_model: str | os.PathLike, target_model: str | os.PathLike,
+             save_to: str | os.PathLike | None = None, *, threshold: float = 0.8,
+             filter_blocks: Sequence[str] = (), match: str = "name", device: str = "cpu",
+             precision: str = "float", save_precision: str | None = None,
+             svd_cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             dry_run: bool = False, report_path: str | os.PathLike | None = None,
+             plot_path: str | os.PathLike | None = None, progress: bool = True) -> list[TransferReport]:
+    """Transfer LoRA(-X) adapters trained on `source_model` to `target_model` (paper Eq. 3), no training.
+
+    Args:
+        loras: one path or several; several share the target's SVDs.
+        source_model, target_model: single-file checkpoints or diffusers folders, same family.
+        save_to: ``OUT.safetensors`` (one input) or an existing folder (one
+            ``<lora stem>_to_<target stem>.safetensors`` per input). Ignored with ``dry_run``.
+        threshold: keep a module only if phi = min(phi_U, phi_V) >= threshold.
+        filter_blocks: fnmatch globs on kohya names (with or without ``lora_``); never transferred.
+        match: "name" (pair modules by name) or "similarity" (pair each target module with the most
+            similar same-shaped source module of the same part and kind; for distilled targets).
+        device: "cpu" or "cuda". precision: compute dtype of the projection ("float", "fp16", "bf16");
+            SVDs are always float32 or better. save_precision: output dtype (default: the input's).
+        svd_cache_dir: folder of cached bases (see ``svd_cache``); reused across runs.
+        overwrite: replace existing outputs. dry_run: compute and report, write no adapter.
+        report_path, plot_path: JSON report and per-block phi heat map (PNG); with several inputs
+            each gets ``<stem>.<lora stem><suffix>``... for the plot, and the JSON holds ``{"reports": [...]}``.
+        progress: tqdm progress bar over modules.
+
+    Returns one TransferReport per input, in order. Raises LoraxInputError on bad input, before
+    anything is written.
+    """
+    from .checkpoint import Checkpoint
+    from .lora_file import is_lorax, read_lora
+
+    paths = [Path(loras)] if isinstance(loras, (str, os.PathLike)) else [Path(p) for p in loras]
+    if not paths:
+        raise LoraxInputError("no --lora input given")
+    dev = _check_options(threshold, match, device, precision, save_precision)
+    filters = tuple(filter_blocks or ())
+    plot_paths = side_paths(plot_path, paths, per_input=True)
+    for p in [report_path, *plot_paths]:
+        if p is not None:
+            check_writable(p, overwrite)
+    for p in paths:
+        if not p.exists():
+            raise LoraxInputError(f"{p}: LoRA file not found")
+    for p in (source_model, target_model):
+        if not Path(p).exists():
+            raise LoraxInputError(f"{p}: model not found")
+
+    with Checkpoint.open(source_model) as src, Checkpoint.open(target_model) as tgt:
+        outs: list[Path | None] = [None] * len(paths)
+        if not dry_run:
+            outs = list(output_paths(paths, save_to, tgt.name))
+            for o in outs:
+                check_writable(o, overwrite)
+        files = [read_lora(p) for p in paths]
+        for f in files:
+            check_lora_against_source(f, src)
+        check_checkpoints(src, tgt, {n for f in files for n in f.modules})
+
+        jobs = []
+        for p, f, o in zip(paths, files, outs):
+            plain = not is_lorax(f)
+            if plain:
+                warnings.warn(f"{p}: not a LoRA-X adapter: it goes through the same projection, but only its "
+                              f"part inside the source subspace transfers faithfully (see energy_in_source_subspace)",
+                              stacklevel=2)
+            rep = TransferReport(lora=str(p), source_model=src.name, target_model=tgt.name,
+                                 threshold=float(threshold), match=match, is_lorax=not plain,
+                                 output=str(o) if o is not None else None)
+            jobs.append(_Job(path=p, lora=f, report=rep, plain=plain))
+
+        provider = _BasesProvider(dev, Path(svd_cache_dir) if svd_cache_dir is not None else None)
+        run = _run_name_match if match == "name" else _run_similarity_match
+        run(jobs, src, tgt, provider, float(threshold), filters, PRECISIONS[precision], dev, progress)
+
+        if not dry_run:
+            from .lora_file import write_lora
+
+            for j, o in zip(jobs, outs):
+                if not j.out:
+                    raise LoraxInputError(f"{j.path}: no module passed (threshold {threshold}); nothing to write "
+                                          f"(lower --threshold or use --dry_run to see the report)")
+            for j, o in zip(jobs, outs):
+                meta = _output_metadata(j, src, tgt, float(threshold))
+                j.report.source_hash = meta.get("lorax.source_hash")
+                j.report.target_hash = meta.get("lorax.target_hash")
+                write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
+                           overwrite=overwrite)
+
+    reports = [j.report for j in jobs]
+    if report_path is not None:
+        write_json(reports, report_path)
+    for rep, pp in zip(reports, plot_paths):
+        if pp is not None:
+            plot_heatmap(rep, pp)
+    return reports
+
+
+def print_tables(reports: Sequence[TransferReport], write: Callable[[str], None] = print) -> None:
+    """Print each report's terminal table."""
+    for rep in reports:
+        write(format_table(rep))
