@@ -292,3 +292,121 @@ class ModuleRef:
     def is_conv_kxk(self) -> bool:
         """4-D with a kernel larger than 1x1 (kohya gives these conv_dim, not network_dim)."""
         return len(self.shape) == 4 and (self.shape[2] > 1 or self.shape[3] > 1)
+
+
+# Where each part lives, per layout: (key prefix, part, text-encoder flavour) -- flavour "hf" for
+# transformers' CLIP keys, "open_clip" for the fused open_clip layout; None for the UNet.
+_SINGLE_FILE_PREFIXES = {
+    "sd1": [("model.diffusion_model.", "unet", None),
+            ("cond_stage_model.transformer.", "te", "hf")],
+    "sd2": [("model.diffusion_model.", "unet", None),
+            ("cond_stage_model.model.transformer.", "te", "open_clip"),
+            ("cond_stage_model.transformer.", "te", "hf")],
+    "sdxl": [("model.diffusion_model.", "unet", None),
+             ("conditioner.embedders.0.transformer.", "te1", "hf"),
+             ("conditioner.embedders.1.model.transformer.", "te2", "open_clip")],
+}
+_DIFFUSERS_PREFIXES = {
+    "sd1": [("unet/", "unet", None), ("text_encoder/", "te", "hf")],
+    "sd2": [("unet/", "unet", None), ("text_encoder/", "te", "hf")],
+    "sdxl": [("unet/", "unet", None), ("text_encoder/", "te1", "hf"), ("text_encoder_2/", "te2", "hf")],
+}
+
+_HF_TE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)\.weight")
+_OPEN_CLIP_TE = re.compile(r"resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)")
+_OPEN_CLIP_CHILD = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                    "mlp.c_proj.weight": "mlp.fc2"}
+# diffusers UNet paths of targetable modules (weights of 2-D/4-D tensors under these blocks)
+_UNET_ATTN = re.compile(r"(?:down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.")
+_UNET_CONV = re.compile(r"(?:down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)"
+                        r"(?:resnets\.\d+\.|downsamplers\.0\.conv$|upsamplers\.0\.conv$)")
+
+
+def _te_prefixes(family: str, layout: str) -> list[tuple[str, str, str | None]]:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if layout == "single_file":
+        return _SINGLE_FILE_PREFIXES[family]
+    if layout == "diffusers":
+        return _DIFFUSERS_PREFIXES[family]
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def unet_group(diffusers_path: str) -> str | None:
+    """"attn" / "conv" for a diffusers UNet module path kohya can target, else None."""
+    if _UNET_ATTN.match(diffusers_path):
+        return "attn"
+    if _UNET_CONV.match(diffusers_path):
+        return "conv"
+    return None
+
+
+def index_modules(shapes: Mapping[str, tuple[int, ...]], family: str, layout: str) -> dict[str, ModuleRef]:
+    """Every kohya-targetable module of a checkpoint, keyed by kohya name.
+
+    `shapes` maps the checkpoint's keys (see docs/architecture.md) to tensor shapes. Names come
+    from flattening these keys; EMA copies, the VAE, embeddings, norms and biases are ignored.
+    """
+    from .errors import LoraxInputError
+
+    prefixes = _te_prefixes(family, layout)
+    out: dict[str, ModuleRef] = {}
+
+    def add(ref: ModuleRef) -> None:
+        if ref.lora_name in out:
+            raise LoraxInputError(f"checkpoint keys {out[ref.lora_name].key!r} and {ref.key!r} both map to "
+                                  f"module {ref.lora_name}")
+        out[ref.lora_name] = ref
+
+    # UNet: map keys to diffusers paths (to classify) and to kohya paths (to name)
+    unet_prefix = prefixes[0][0]
+    unet_keys = {k[len(unet_prefix):]: k for k in shapes if k.startswith(unet_prefix)}
+    if unet_keys:
+        if layout == "single_file":
+            block_map = UnetBlockMap.from_ldm_keys(unet_keys)
+        else:
+            block_map = UnetBlockMap.from_diffusers_keys(unet_keys)
+        for inner, key in unet_keys.items():
+            shape = tuple(shapes[key])
+            if not inner.endswith(".weight") or len(shape) not in (2, 4):
+                continue
+            path = inner[: -len(".weight")]
+            try:
+                d_path = block_map.to_diffusers(path) if layout == "single_file" else path
+            except KeyError:
+                continue  # keys outside the block structure are never targets
+            group = unet_group(d_path)
+            if group is None:
+                continue
+            k_path = block_map.to_ldm(d_path) if family == "sdxl" else d_path
+            add(ModuleRef(kohya_name("unet", k_path), "unet", key, None, shape, group))
+
+    # text encoders
+    for prefix, part, flavour in prefixes[1:]:
+        keys = [k for k in shapes if k.startswith(prefix)]
+        if flavour == "hf":
+            for key in keys:
+                if m := _HF_TE.fullmatch(key[len(prefix):]):
+                    path = f"text_model.encoder.layers.{m[1]}.{m[2]}"
+                    add(ModuleRef(kohya_name(part, path), part, key, None, tuple(shapes[key]), "attn"))
+            continue
+        hits = [(int(m[1]), m[2], key) for key in keys if (m := _OPEN_CLIP_TE.fullmatch(key[len(prefix):]))]
+        if not hits:
+            continue
+        # SD2: kohya converts open_clip-H with its last resblock dropped (23 of 24 layers).
+        last = max(h[0] for h in hits) if family == "sd2" else None
+        for layer, child, key in hits:
+            if layer == last:
+                continue
+            shape = tuple(shapes[key])
+            base = f"text_model.encoder.layers.{layer}."
+            if child == "attn.in_proj_weight":
+                d = shape[0] // 3
+                if len(shape) != 2 or shape[0] != 3 * d:
+                    raise LoraxInputError(f"{key}: fused in_proj_weight of shape {shape} is not (3*d, d)")
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    add(ModuleRef(kohya_name(part, base + "self_attn." + name), part, key,
+                                  (i * d, (i + 1) * d), (d, *shape[1:]), "attn"))
+            else:
+                add(ModuleRef(kohya_name(part, base + _OPEN_CLIP_CHILD[child]), part, key, None, shape, "attn"))
+    return out
