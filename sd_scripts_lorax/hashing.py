@@ -1,0 +1,124 @@
+"""The model hashes kohya and A1111 use, computed in one streaming pass.
+
+- `sha256`: the whole file (A1111 "AutoV2" = first 10 hex; kohya `ss_new_sd_model_hash`).
+- `legacy`: first 8 hex of sha256 over the 64 KiB at offset 1 MiB (A1111's old hash; kohya
+  `ss_sd_model_hash`, `sshs_legacy_hash`). Files shorter than that hash whatever lies in the range.
+- `addnet`: sha256 of every byte after the safetensors header (kohya `sshs_model_hash`); None for
+  bytes that are not safetensors-shaped (e.g. a `.ckpt` zip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+LEGACY_OFFSET = 0x100000  # 1 MiB
+LEGACY_LENGTH = 0x10000   # 64 KiB
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    """The hashes of one file (or of one byte stream)."""
+
+    sha256: str
+    legacy: str
+    addnet: str | None
+
+    @property
+    def autov2(self) -> str:
+        """A1111/Civitai "AutoV2": the first 10 hex of the full-file sha256."""
+        return self.sha256[:10]
+
+
+class StreamHasher:
+    """Feed consecutive chunks of one byte stream; all three hashes come out of a single pass."""
+
+    def __init__(self) -> None:
+        self._full = hashlib.sha256()
+        self._legacy = hashlib.sha256()
+        self._after_header = hashlib.sha256()
+        self._head = b""                  # the first 8 bytes, until the header length is known
+        self._data_start: int | None = None
+        self._pos = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        """Hash the next `len(chunk)` bytes of the stream."""
+        chunk = memoryview(chunk)
+        n = len(chunk)
+        if n == 0:
+            return
+        start, end = self._pos, self._pos + n
+        self._full.update(chunk)
+        lo, hi = max(start, LEGACY_OFFSET), min(end, LEGACY_OFFSET + LEGACY_LENGTH)
+        if lo < hi:
+            self._legacy.update(chunk[lo - start:hi - start])
+        if self._data_start is None and len(self._head) < 8:
+            self._head += bytes(chunk[:8 - len(self._head)])
+            if len(self._head) == 8:
+                self._data_start = 8 + int.from_bytes(self._head, "little")
+        if self._data_start is not None and end > self._data_start:
+            self._after_header.update(chunk[max(self._data_start - start, 0):])
+        self._pos = end
+
+    def result(self) -> FileHashes:
+        """The hashes of everything fed so far; `addnet` is None when no valid header fits."""
+        is_safetensors = self._data_start is not None and self._data_start <= self._pos
+        return FileHashes(
+            sha256=self._full.hexdigest(),
+            legacy=self._legacy.hexdigest()[:8],
+            addnet=self._after_header.hexdigest() if is_safetensors else None,
+        )
+
+
+def hash_files(paths: Iterable[str | os.PathLike], chunk_size: int = _CHUNK) -> FileHashes:
+    """Hash the concatenation of `paths` (one file, or a sharded model's shards in order), reading once."""
+    hasher = StreamHasher()
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                hasher.update(view[:n])
+    return hasher.result()
+
+
+def hash_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> FileHashes:
+    """Hash one file in a single streaming pass."""
+    return hash_files([Path(path)], chunk_size)
+
+
+def hash_bytes(data: bytes) -> FileHashes:
+    """Hash an in-memory byte string exactly as `hash_file` would hash a file holding it."""
+    hasher = StreamHasher()
+    hasher.update(data)
+    return hasher.result()
+
+
+def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor],
+                                    metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """`(sshs_model_hash, sshs_legacy_hash)` for a state dict about to be saved, as kohya defines them.
+
+    kohya serialises the tensors with only the `ss_*` metadata (not the final metadata, which will
+    hold the hashes themselves) and hashes that buffer: the bytes after the header, and the 64 KiB
+    at 1 MiB of the whole buffer.
+    """
+    from safetensors.torch import save
+
+    ss_only = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    buffer = save({k: v.contiguous() for k, v in tensors.items()}, metadata=ss_only)
+    hashes = hash_bytes(buffer)
+    assert hashes.addnet is not None  # safetensors' own output always has a valid header
+    return hashes.addnet, hashes.legacy
+
+
+__all__ = ["FileHashes", "StreamHasher", "hash_file", "hash_files", "hash_bytes",
+           "precalculate_safetensors_hashes", "LEGACY_OFFSET", "LEGACY_LENGTH"]
