@@ -252,8 +252,7 @@ def plot_heatmap(report: TransferReport, path: str | Path) -> Path:
     fig_w = max(5.0, 0.45 * len(leaves) + 0.09 * max((len(b) for b in blocks), default=10) + 2.0)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
     try:
-        cmap = matplotlib.colormaps["viridis"].copy()
-        cmap.set_bad("#dddddd")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: no such module
         im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(leaves)), leaves, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
