@@ -1,0 +1,260 @@
+"""LoraXNetwork on tiny SD1 and SDXL diffusers models: targets, names, math, files, diffusers loading."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from sd_scripts_lorax.errors import LoraxInputError
+from sd_scripts_lorax.model_configs import build_models
+from sd_scripts_lorax.network import create_network, create_network_from_weights
+
+
+def _models(family: str):
+    return build_models(family, "tiny", seed=0)
+
+
+def _unet_inputs(models, batch: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = models.unet.config
+    x = torch.randn(batch, 4, cfg.sample_size, cfg.sample_size, generator=g)
+    ctx = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g),
+                                       "time_ids": torch.randn(batch, 6, generator=g)}
+    return x, torch.tensor([500] * batch), ctx, kwargs
+
+
+def _run_unet(unet, inputs):
+    x, t, ctx, kwargs = inputs
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
+
+
+def _expected_targets(models, conv: bool) -> dict[int, nn.Module]:
+    """Independent walk of kohya's targeting rule (class names), keyed by id."""
+    out = {}
+    unet_classes = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv else set())
+    for root, classes in [(models.unet, unet_classes)] + [(te, {"CLIPAttention", "CLIPMLP"})
+                                                          for te in models.text_encoders]:
+        for m in root.modules():
+            if type(m).__name__ in classes:
+                for c in m.modules():
+                    if type(c).__name__ in ("Linear", "Conv2d"):
+                        k = c.weight.shape[2:] if c.weight.dim() == 4 else ()
+                        if conv or all(s == 1 for s in k):
+                            out[id(c)] = c
+    return out
+
+
+def _random_d(network, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in network.applied_loras():
+            m.d.copy_(torch.randn(m.rank, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_params_names_identity_and_merge(family: str) -> None:
+    models = _models(family)
+    rank, conv_rank = 6, 3
+    te_arg = models.text_encoders if family == "sdxl" else models.text_encoders[0]
+    inputs = _unet_inputs(models)
+    ref = _run_unet(models.unet, inputs)
+    net = create_network(1.0, str(rank), "1", models.vae, te_arg, models.unet, neuron_dropout=None,
+                         conv_dim=str(conv_rank), dropout=None)
+    net.apply_to(te_arg, models.unet, True, True)
+    expected = _expected_targets(models, conv=True)
+    assert len(net.applied_loras()) == len(expected)
+    want_params = 0
+    for c in expected.values():
+        k = c.weight.shape[2:] if c.weight.dim() == 4 else ()
+        r = conv_rank if any(s > 1 for s in k) else rank
+        want_params += min(r, c.weight.shape[0], c.weight[0].numel())
+    assert sum(p.numel() for p in net.get_trainable_params()) == want_params
+    # state dict: exactly "<lora_name>.d", no base weights
+    keys = list(net.state_dict())
+    assert all(k.endswith(".d") and k.count(".") == 1 for k in keys)
+    assert len(keys) == len(expected)
+    names = {k[:-2] for k in keys}
+    if family == "sd1":
+        assert "lora_unet_down_blocks_0_attentions_0_proj_in" in names
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k" in names
+        assert "lora_unet_down_blocks_0_resnets_0_conv1" in names
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    else:
+        assert "lora_unet_input_blocks_4_1_proj_in" in names
+        assert "lora_unet_input_blocks_1_0_in_layers_2" in names
+        assert "lora_unet_input_blocks_3_0_op" in names
+        assert "lora_unet_output_blocks_2_2_conv" in names
+        assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_out_0" in names
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
+        assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+    # d = 0: the base exactly
+    assert torch.equal(_run_unet(models.unet, inputs), ref)
+
+    # random d: equals a copy of the base with W + U diag(d) V^T merged (independently built)
+    _random_d(net)
+    for m in net.unet_loras:
+        m.restore()  # the deep copy must hold plain forwards; re-patched below
+    merged = copy.deepcopy(models.unet)
+    path_of = {id(mod): name for name, mod in models.unet.named_modules()}
+    merged_mods = dict(merged.named_modules())
+    for m in net.unet_loras:
+        w = merged_mods[path_of[id(m.base)]].weight
+        u = m.u.double()
+        v = m.down.double().reshape(m.rank, -1).t()
+        dw = (u * m.d.detach().double()) @ v.t()
+        with torch.no_grad():
+            w.copy_((w.double() + dw.reshape(w.shape)).float())
+        m.apply_to()
+    got = _run_unet(models.unet, inputs)
+    want = _run_unet(merged, inputs)
+    assert ((got - want).norm() / want.norm()) < 1e-5
+    assert not torch.allclose(got, ref)
+
+
+def test_bases_are_top_singular_vectors() -> None:
+    models = _models("sd1")
+    net = create_network(1.0, 4, None, None, models.text_encoders, models.unet)
+    for m in net.all_loras()[:5] + net.all_loras()[-3:]:
+        w = m.base.weight.detach().double().reshape(m.base.weight.shape[0], -1)
+        u_ref, _, vh_ref = torch.linalg.svd(w, full_matrices=False)
+        # same subspaces, up to sign: |U^T U_ref| is the identity on the top-r block
+        cu = (m.u.double().t() @ u_ref[:, :m.rank]).abs()
+        cv = (m.down.double().reshape(m.rank, -1) @ vh_ref[:m.rank].t()).abs()
+        torch.testing.assert_close(cu, torch.eye(m.rank, dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(cv, torch.eye(m.rank, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_save_load_roundtrip_and_file_layout(family: str, tmp_path) -> None:
+    models = _models(family)
+    te_arg = models.text_encoders if family == "sdxl" else models.text_encoders
+    net = create_network(1.0, 5, None, None, te_arg, models.unet, conv_dim="2")
+    net.apply_to(te_arg, models.unet)
+    _random_d(net, seed=3)
+    path = tmp_path / "x.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_network_dim": "5"})
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        m = net.unet_loras[0]
+        assert f.get_tensor(f"{m.lora_name}.alpha").item() == m.rank
+        up = f.get_tensor(f"{m.lora_name}.lora_up.weight")
+        down = f.get_tensor(f"{m.lora_name}.lora_down.weight")
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert len(keys) == 3 * len(net.applied_loras())
+    assert meta["ss_network_module"] == "networks.lora_x" and meta["ss_network_dim"] == "5"
+    assert any(k.startswith("lorax.") for k in meta) and "sshs_model_hash" in meta
+    # up @ down is U diag(d) V^T
+    dw = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    want = (m.u * m.d.detach()) @ m.down.reshape(m.rank, -1)
+    torch.testing.assert_close(dw, want, rtol=1e-5, atol=1e-6)
+
+    fresh = create_network(1.0, 5, None, None, te_arg, models.unet, conv_dim="2")
+    fresh.apply_to(te_arg, models.unet)
+    info = fresh.load_weights(str(path))
+    assert info["loaded"] == len(net.applied_loras())
+    for a, b in zip(net.applied_loras(), fresh.applied_loras()):
+        assert a.lora_name == b.lora_name
+        torch.testing.assert_close(b.d, a.d, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_lora_projection_and_energy(tmp_path, caplog) -> None:
+    from safetensors.torch import save_file
+    models = _models("sd1")
+    net = create_network(1.0, 4, None, None, models.text_encoders[0], models.unet)
+    net.apply_to(models.text_encoders[0], models.unet)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    picked = net.applied_loras()[:3]
+    for m in picked:
+        w = m.base.weight
+        sd[f"{m.lora_name}.lora_down.weight"] = torch.randn(2, *w.shape[1:], generator=g)
+        sd[f"{m.lora_name}.lora_up.weight"] = torch.randn(w.shape[0], 2, *([1, 1] if w.dim() == 4 else []),
+                                                          generator=g)
+        sd[f"{m.lora_name}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "plain.safetensors"
+    save_file(sd, str(path), {"ss_network_module": "networks.lora"})
+    with caplog.at_level(logging.WARNING):
+        info = net.load_weights(str(path))
+    assert not info["lorax"] and 0.0 < info["energy_in_subspace"] < 1.0
+    assert info["energy_kept"] <= info["energy_in_subspace"] + 1e-9
+    assert "not a LoRA-X file" in caplog.text
+    for m in picked:
+        up = sd[f"{m.lora_name}.lora_up.weight"].double().reshape(m.base.weight.shape[0], -1)
+        down = sd[f"{m.lora_name}.lora_down.weight"].double().reshape(2, -1)
+        dw = up @ down * 0.5
+        v = m.down.double().reshape(m.rank, -1).t()
+        want = torch.diagonal(m.u.double().t() @ dw @ v)
+        torch.testing.assert_close(m.d.detach().double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_inputs(tmp_path) -> None:
+    models = _models("sd1")
+    te = models.text_encoders[0]
+    for bad in ("0", "-3", "abc"):
+        with pytest.raises(LoraxInputError, match="network_dim"):
+            create_network(1.0, bad, None, None, te, models.unet)
+    with pytest.raises(LoraxInputError, match="conv_dim"):
+        create_network(1.0, 4, None, None, te, models.unet, conv_dim="three")
+    # NaN in a base weight: clear error naming the module, nothing patched
+    broken = copy.deepcopy(models.unet)
+    w = broken.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_k.weight
+    with torch.no_grad():
+        w[0, 0] = float("nan")
+    with pytest.raises(LoraxInputError, match="down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.*NaN"):
+        create_network(1.0, 4, None, None, te, broken)
+    assert not any("forward" in m.__dict__ for m in broken.modules())
+    # a LoRA file whose keys do not fit: one error naming them, nothing loaded
+    from safetensors.torch import save_file
+    net = create_network(1.0, 4, None, None, te, models.unet)
+    net.apply_to(te, models.unet)
+    good = net.applied_loras()[0]
+    sd = {f"{good.lora_name}.lora_down.weight": torch.ones(4, *good.base.weight.shape[1:]),
+          f"{good.lora_name}.lora_up.weight": torch.ones(good.base.weight.shape[0], 4,
+                                                         *([1, 1] if good.base.weight.dim() == 4 else [])),
+          f"{good.lora_name}.alpha": torch.tensor(4.0),
+          "lora_unet_nowhere_to_q.lora_down.weight": torch.ones(4, 8),
+          "lora_unet_nowhere_to_q.lora_up.weight": torch.ones(8, 4),
+          "lora_unet_nowhere_to_q.alpha": torch.tensor(4.0)}
+    path = tmp_path / "wrong.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(LoraxInputError, match="lora_unet_nowhere_to_q"):
+        net.load_weights(str(path))
+    assert float(good.d.detach().abs().sum()) == 0.0
+    with pytest.raises(LoraxInputError, match="lora_unet_nowhere_to_q"):
+        create_network_from_weights(1.0, str(path), None, te, models.unet)
+
+
+def test_svd_cache_and_optimizer_groups(tmp_path) -> None:
+    models = _models("sd1")
+    te = [models.text_encoders[0]]
+    cache = tmp_path / "cache"
+    a = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache), svd_device="cpu")
+    assert any(cache.iterdir())
+    b = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))
+    for x, y in zip(a.all_loras(), b.all_loras()):
+        assert torch.equal(x.u, y.u) and torch.equal(x.down, y.down)
+    b.apply_to(te, models.unet, apply_text_encoder=True, apply_unet=True)
+    groups = b.prepare_optimizer_params([1e-5], 1e-4, 1e-3)
+    assert isinstance(groups, list) and [g["lr"] for g in groups] == [1e-5, 1e-4]
+    assert [g["lr"] for g in b.prepare_optimizer_params(None, None, 2e-4)] == [2e-4, 2e-4]
+    only_unet = b.prepare_optimizer_params(0, 1e-4, 1e-3)
+    assert len(only_unet) == 1 and len(only_unet[0]["params"]) == len(b.unet_loras)
+    # max-norm: ||dW|| = ||d||
+    with torch.no_grad():
+        b.unet_loras[0].d.fill_(10.0)
+    scaled, mean, mx = b.apply_max_norm_regularization(1.0, "cpu")
+    assert scaled == 1 and mx == pytest.approx(1.0, rel=1e-5)
+    m = b.unet_loras[0]
+    dw = (m.u.double() * m.d.detach().double()) @ m.down.double().reshape(m.rank, -1)
+    assert float(dw.norm()) == pytest.approx(1.0, rel=1e-5)
