@@ -381,9 +381,11 @@ class LoraXNetwork(nn.Module):
                      metadata: Mapping[str, str] | None = None) -> None:
         """Write a kohya LoRA file: lora_down = V^T, lora_up = U diag(d), alpha = r, + metadata."""
         from .lora_file import lorax_metadata, write_lora
-        meta = dict(metadata or {})
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.setdefault("ss_network_module", NETWORK_MODULE)
-        meta.update(lorax_metadata(rank=self.options.rank))
+        # The source model as kohya's trainer records it (name and full-file hash, else the legacy one).
+        source_hash = meta.get("ss_new_sd_model_hash") or meta.get("ss_sd_model_hash") or "unknown"
+        meta.update(lorax_metadata(self.options.rank, meta.get("ss_sd_model_name", "unknown"), source_hash))
         write_lora(file, self.lora_modules(), meta, dtype=dtype, overwrite=True)
 
     def _projections(self, file_name: str, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -461,8 +463,7 @@ class LoraXNetwork(nn.Module):
             for m in self.all_loras():
                 m.merge_to()
             return
-        from .lora_file import modules_from_state_dict
-        modules = modules_from_state_dict(weights_sd)
+        modules = modules_from_state_dict(weights_sd, "merge_to")
         unknown = [n for n in modules if n not in self._targets]
         if unknown:
             raise LoraxInputError(f"merge_to: {len(unknown)} module(s) do not fit this model: "
@@ -480,6 +481,37 @@ class LoraXNetwork(nn.Module):
             w = self._targets[name].base.weight
             w.copy_((w.float() + dw.reshape(w.shape)).to(w.dtype))
         logger.info("networks.lora_x: merged %d modules into the base weights", len(deltas))
+
+
+# ---------------------------------------------------------------------------- kohya state dicts
+
+
+def state_dict_of(modules: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """LoraModules as kohya's flat state dict (what create_network_from_weights hands back)."""
+    from .lora_file import ALPHA, DOWN, UP
+    sd: dict[str, torch.Tensor] = {}
+    for lm in modules:
+        sd[f"{lm.name}.{DOWN}"] = lm.down
+        sd[f"{lm.name}.{UP}"] = lm.up
+        sd[f"{lm.name}.{ALPHA}"] = torch.tensor(float(lm.alpha))
+    return sd
+
+
+def modules_from_state_dict(weights_sd: Mapping[str, torch.Tensor], origin: str) -> dict[str, Any]:
+    """Group a kohya state dict (`weights_sd` as kohya passes it) into LoraModules, validated by lora_file."""
+    from . import lora_file
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in weights_sd.items():
+        for suffix in lora_file.SUFFIXES:
+            if key.endswith("." + suffix):
+                grouped.setdefault(key[:-len(suffix) - 1], {})[suffix] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoraxInputError(f"{origin}: {len(unknown)} key(s) are not kohya LoRA keys, e.g. {', '.join(unknown[:3])}")
+    return {name: lora_file._module_from_tensors(Path(origin), name, parts) for name, parts in grouped.items()}
 
 
 # ---------------------------------------------------------------------------- kohya entry points
@@ -505,12 +537,14 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     `for_inference=True` (kohya's --base_weights) skips the SVDs until something needs them:
     `merge_to` with the file's weights does not.
     """
-    from .lora_file import modules_from_state_dict, read_state_dict
+    from .lora_file import read_lora
     if weights_sd is None:
         if file is None:
             raise LoraxInputError("create_network_from_weights: neither a file nor weights_sd was given")
-        weights_sd = read_state_dict(file)
-    modules = modules_from_state_dict(weights_sd)
+        modules = read_lora(file).modules
+        weights_sd = state_dict_of(modules.values())
+    else:
+        modules = modules_from_state_dict(weights_sd, str(file or "weights_sd"))
     ranks = {name: lm.rank for name, lm in modules.items()}
     options = parse_options(max(ranks.values(), default=DEFAULT_RANK), None, None, kwargs)
     targets = find_targets(text_encoder, unet, options.rank, options.conv_rank, ranks=ranks)
