@@ -14,20 +14,21 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from .errors import LoraxInputError
 from .hashing import FileHashes, hash_files
 
-if TYPE_CHECKING:  # naming.py is a sibling module; imported lazily at run time
+if TYPE_CHECKING:  # torch is imported lazily so that bad input is refused without its import cost
+    import torch
+
     from .naming import ModuleRef
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype name -> torch dtype attribute
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 EMA_PREFIX = "model_ema."
@@ -100,14 +101,20 @@ class _Entry:
     file: Path
     key: str                  # the key inside `file`
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Union["torch.dtype", str]  # a safetensors dtype name until torch is needed
+
+
+def _torch_dtype(dtype: Union["torch.dtype", str]) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, SAFETENSORS_DTYPES[dtype]) if isinstance(dtype, str) else dtype
 
 
 class Checkpoint:
     """A checkpoint opened for lazy reading. Use `Checkpoint.open(path)` as a context manager."""
 
     def __init__(self, path: Path, layout: str, family: str, entries: dict[str, _Entry],
-                 hash_paths: list[Path], state: Mapping[str, torch.Tensor] | None = None) -> None:
+                 hash_paths: list[Path], state: Mapping[str, "torch.Tensor"] | None = None) -> None:
         self.path = path
         self.name = path.name
         self.layout = layout
@@ -154,14 +161,14 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key).shape
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._entry(key).dtype
+    def dtype(self, key: str) -> "torch.dtype":
+        return _torch_dtype(self._entry(key).dtype)
 
-    def dtypes(self) -> Counter[torch.dtype]:
+    def dtypes(self) -> Counter["torch.dtype"]:
         """How many (non-EMA) tensors are stored in each dtype."""
-        return Counter(e.dtype for k, e in self._entries.items() if not k.startswith(EMA_PREFIX))
+        return Counter(_torch_dtype(e.dtype) for k, e in self._entries.items() if not k.startswith(EMA_PREFIX))
 
-    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> "torch.Tensor":
         """One tensor (or a row range of it), in its stored dtype, on the CPU; reads only that tensor."""
         entry = self._entry(key)
         if rows is not None and not (0 <= rows[0] < rows[1] <= (entry.shape[0] if entry.shape else 0)):
@@ -183,8 +190,10 @@ class Checkpoint:
             self._modules = index_modules(shapes, self.family, self.layout)
         return self._modules
 
-    def weight(self, ref: "ModuleRef") -> torch.Tensor:
+    def weight(self, ref: "ModuleRef") -> "torch.Tensor":
         """A module's weight (row-sliced for fused in_proj), stored dtype; refuses NaN/Inf."""
+        import torch
+
         t = self.tensor(ref.key, ref.rows)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LoraxInputError(
@@ -230,7 +239,7 @@ def _validated_entries(file: Path, prefix: str = "") -> dict[str, _Entry]:
     for key, (dt, shape) in header.tensors.items():
         if dt not in SAFETENSORS_DTYPES:
             raise LoraxInputError(f"{file}: tensor {key} {list(shape)} has unsupported dtype {dt}")
-        entries[prefix + key] = _Entry(file, key, shape, SAFETENSORS_DTYPES[dt])
+        entries[prefix + key] = _Entry(file, key, shape, dt)
     return entries
 
 
@@ -241,6 +250,8 @@ def _open_single_safetensors(path: Path) -> Checkpoint:
 
 
 def _open_pickle(path: Path) -> Checkpoint:
+    import torch
+
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -13,9 +13,10 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LEGACY_OFFSET = 0x100000  # 1 MiB
 LEGACY_LENGTH = 0x10000   # 64 KiB
@@ -103,7 +104,7 @@ def hash_bytes(data: bytes) -> FileHashes:
     return hasher.result()
 
 
-def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor],
+def precalculate_safetensors_hashes(tensors: Mapping[str, "torch.Tensor"],
                                     metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
     """`(sshs_model_hash, sshs_legacy_hash)` for a state dict about to be saved, as kohya defines them.
 
