@@ -1,0 +1,81 @@
+"""kohya's checkpoint file names, atomic weight saves, and training-state folders for --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraxInputError
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STATE_FILE = "train_state.json"
+
+
+def step_name(name: str, step: int) -> str:
+    return f"{name}-step{step:08d}"
+
+
+def epoch_name(name: str, epoch: int) -> str:
+    return f"{name}-{epoch:06d}"
+
+
+def save_weights_atomic(network: torch.nn.Module, path: Path, dtype: torch.dtype | None,
+                        metadata: dict[str, str]) -> Path:
+    """network.save_weights into a temporary file with the same extension, then rename: a crash
+    (or Ctrl-C) never leaves a half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        network.save_weights(tmp, dtype, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@dataclass
+class TrainState:
+    """Where to continue: the next batch of `epoch` is `batch` (this process's count)."""
+    epoch: int
+    batch: int
+    global_step: int
+    seed: int
+
+
+def save_state(accelerator, folder: Path, state: TrainState) -> Path:
+    """accelerator.save_state (network, optimizer, scheduler, RNG states) + train_state.json into a
+    temporary sibling folder that replaces `folder` when complete. Called by every process."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_state(accelerator, folder: Path) -> TrainState:
+    if not (folder / STATE_FILE).is_file():
+        raise LoraxInputError(f"{folder}: not a training state folder ({STATE_FILE} missing)")
+    accelerator.load_state(str(folder))
+    try:
+        return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+    except (TypeError, ValueError) as exc:
+        raise LoraxInputError(f"{folder / STATE_FILE}: unreadable ({exc})") from None

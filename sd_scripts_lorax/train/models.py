@@ -1,0 +1,180 @@
+"""Loading the base model for training, and the two conditioning paths (SD1/2 and SDXL).
+
+Models load from a diffusers folder (tokenizers from the folder, never from a hub), or from a
+single-file checkpoint through `sd_scripts_lorax.ldm_convert` when that converter is installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LoraxInputError
+from ..model_configs import VAE_SCALING
+
+
+@dataclass
+class TrainModels:
+    family: str                          # "sd1" | "sd2" | "sdxl"
+    unet: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # [te] or [te1, te2]
+    tokenizers: list[Any]
+    vae: torch.nn.Module
+    name: str                            # what ss_sd_model_name records
+
+    @property
+    def network_text_encoder(self) -> Any:
+        """What a kohya network's create_network expects: one TE for SD1/2, [te1, te2] for SDXL."""
+        return self.text_encoders if self.family == "sdxl" else self.text_encoders[0]
+
+    @property
+    def latent_scale(self) -> float:
+        return VAE_SCALING[self.family]
+
+
+def detect_family_of_folder(folder: Path) -> str:
+    """sdxl when the UNet has text-time conditioning; sd2 when the text encoder is OpenCLIP-like
+    (plain gelu), else sd1. Unknown layouts are refused."""
+    unet_cfg = folder / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        raise LoraxInputError(f"{folder}: not a diffusers model folder (unet/config.json missing)")
+    cfg = json.loads(unet_cfg.read_text())
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    te_cfg = folder / "text_encoder" / "config.json"
+    if not te_cfg.is_file():
+        raise LoraxInputError(f"{folder}: unknown model family (no text_encoder/config.json)")
+    act = json.loads(te_cfg.read_text()).get("hidden_act")
+    if act == "gelu":
+        return "sd2"
+    if act == "quick_gelu":
+        return "sd1"
+    raise LoraxInputError(f"{folder}: unknown model family (text encoder hidden_act {act!r})")
+
+
+def _check_flags(family: str, path: Path, v2: bool, sdxl: bool) -> None:
+    if sdxl and family != "sdxl":
+        raise LoraxInputError(f"{path}: --sdxl given but the model is {family}")
+    if v2 and family != "sd2":
+        raise LoraxInputError(f"{path}: --v2 given but the model is {family}")
+    if family == "sdxl" and v2:
+        raise LoraxInputError(f"{path}: --v2 given but the model is SDXL")
+
+
+def _load_folder(folder: Path) -> tuple[Any, list, list, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    tes, toks = [], []
+    for sub, tok_sub, cls in (("text_encoder", "tokenizer", CLIPTextModel),
+                              ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
+        if (folder / sub).is_dir():
+            tes.append(cls.from_pretrained(folder, subfolder=sub))
+            if not (folder / tok_sub).is_dir():
+                raise LoraxInputError(f"{folder}: {tok_sub}/ missing (tokenizers are read from the model folder)")
+            toks.append(CLIPTokenizer.from_pretrained(folder, subfolder=tok_sub))
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    return unet, tes, toks, vae
+
+
+def _load_single_file(path: Path) -> tuple[str, Any, list, list, Any]:
+    try:
+        from .. import ldm_convert  # written by another part of the project; optional here
+        load = getattr(ldm_convert, "load_pipeline_parts")
+    except (ImportError, AttributeError):
+        raise LoraxInputError(f"{path}: single-file checkpoints need sd_scripts_lorax.ldm_convert; "
+                              "pass a diffusers folder instead") from None
+    return load(path)
+
+
+def load_vae(path: Path) -> Any:
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        sub = "vae" if (path / "vae").is_dir() else None
+        return AutoencoderKL.from_pretrained(path, subfolder=sub)
+    raise LoraxInputError(f"{path}: --vae must be a diffusers folder (single-file VAEs are not supported)")
+
+
+def load_models(path: str, vae: str | None = None, v2: bool = False, sdxl: bool = False) -> TrainModels:
+    """Load UNet, text encoder(s), tokenizer(s) and VAE in fp32 on CPU, all frozen."""
+    p = Path(path)
+    if not p.exists():
+        raise LoraxInputError(f"{p}: pretrained_model_name_or_path not found (hub ids are not downloaded)")
+    if p.is_dir():
+        family = detect_family_of_folder(p)
+        unet, tes, toks, vae_model = _load_folder(p)
+    else:
+        family, unet, tes, toks, vae_model = _load_single_file(p)
+    _check_flags(family, p, v2, sdxl)
+    expected = 2 if family == "sdxl" else 1
+    if len(tes) != expected:
+        raise LoraxInputError(f"{p}: {family} needs {expected} text encoder(s), found {len(tes)}")
+    if vae:
+        vae_model = load_vae(Path(vae))
+    for m in [unet, *tes, vae_model]:
+        m.requires_grad_(False)
+        m.eval()
+    return TrainModels(family, unet, tes, toks, vae_model, p.name)
+
+
+@dataclass
+class Conditioning:
+    hidden: torch.Tensor               # (B, 77, cross_attention_dim)
+    pooled: torch.Tensor | None = None  # SDXL: TE2's projected pooled output
+    time_ids: torch.Tensor | None = None  # SDXL: (B, 6)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kw
+
+
+def _tokenize(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def _final_norm(te: torch.nn.Module) -> torch.nn.Module:
+    # transformers 5 CLIPTextModel has no text_model submodule; older ones do
+    return getattr(te, "text_model", te).final_layer_norm
+
+
+def encode_text(models: TrainModels, captions: list[str], device: torch.device, clip_skip: int | None = None,
+                original_sizes: list[tuple[int, int]] | None = None,
+                crop_top_lefts: list[tuple[int, int]] | None = None,
+                target_size: tuple[int, int] | None = None) -> Conditioning:
+    """SD1/2: last hidden state (or the clip_skip-th last, through the final layer norm).
+    SDXL: hidden_states[-2] of both encoders concatenated; TE2's projected pooled output; and
+    time_ids = (original h, w, crop top, left, target h, w) per sample."""
+    if models.family != "sdxl":
+        te = models.text_encoders[0]
+        out = te(_tokenize(models.tokenizers[0], captions, device), output_hidden_states=True)
+        if clip_skip and clip_skip > 1:
+            return Conditioning(_final_norm(te)(out.hidden_states[-clip_skip]))
+        return Conditioning(out.last_hidden_state)
+    te1, te2 = models.text_encoders
+    h1 = te1(_tokenize(models.tokenizers[0], captions, device), output_hidden_states=True).hidden_states[-2]
+    out2 = te2(_tokenize(models.tokenizers[1], captions, device), output_hidden_states=True)
+    hidden = torch.cat([h1, out2.hidden_states[-2].to(h1.dtype)], dim=-1)
+    b = len(captions)
+    sizes = original_sizes or [target_size] * b
+    crops = crop_top_lefts or [(0, 0)] * b
+    time_ids = torch.tensor([[*sizes[i], *crops[i], *target_size] for i in range(b)], dtype=hidden.dtype,
+                            device=device)
+    return Conditioning(hidden, out2.text_embeds, time_ids)
+
+
+def encode_images(models: TrainModels, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """VAE latents, sampled from the posterior with `generator`, times kohya's scale; NaN -> 0."""
+    vae = models.vae
+    dist = vae.encode(images.to(next(vae.parameters()).dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
+    latents = dist.mean + dist.std * noise
+    return torch.nan_to_num(latents.float(), 0.0) * models.latent_scale

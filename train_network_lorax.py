@@ -1,0 +1,31 @@
+"""Train a LoRA-X (or any kohya-contract network) on SD1.x/2.x/SDXL with kohya's command line.
+
+    python train_network_lorax.py --config_file configs/tiny_lorax.toml
+    accelerate launch --num_processes 2 --cpu train_network_lorax.py --config_file ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    # kohya imports network modules relative to the script's folder (networks.lora_x)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sd_scripts_lorax.errors import cli_errors
+    from sd_scripts_lorax.train.config import parse_args
+    from sd_scripts_lorax.train.run import run_training
+
+    with cli_errors():
+        args = parse_args(argv)
+        try:
+            result = run_training(args)
+        except KeyboardInterrupt:
+            print("\ninterrupted: every file already in the output folder is complete", file=sys.stderr)
+            raise SystemExit(130) from None
+    print(f"saved {result['final']}")
+
+
+if __name__ == "__main__":
+    main()
