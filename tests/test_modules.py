@@ -11,6 +11,8 @@ from torch import nn
 
 from sd_scripts_lorax.modules import LoraXModule
 
+torch.set_num_threads(1)
+
 
 def _svd_bases(weight: torch.Tensor, rank: int) -> SimpleNamespace:
     """Independent top-r bases (plain torch SVD, no sign fixing: the module must not care)."""
