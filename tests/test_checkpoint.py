@@ -355,3 +355,35 @@ def test_diffusers_unknown_architecture(tmp_path):
     (out / "model_index.json").write_text(json.dumps({"_class_name": "SomethingElsePipeline"}))
     with pytest.raises(LoraxInputError, match="unknown architecture"):
         Checkpoint.open(out)
+
+
+# ---------------------------------------------------------------- the shared fixture checkpoints
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_fixture_layouts_read_the_same_weights(request, family):
+    """The same seeded model in both layouts: same kohya modules, same weights (fused rows included)."""
+    single = request.getfixturevalue(f"tiny_{family}_single")
+    folder = request.getfixturevalue(f"tiny_{family}_diffusers")
+    with Checkpoint.open(single) as a, Checkpoint.open(folder) as b:
+        assert (a.family, a.layout, b.family, b.layout) == (family, "single_file", family, "diffusers")
+        ma, mb = a.modules(), b.modules()
+        assert set(ma) == set(mb)
+        assert any(r.rows for r in ma.values()) == (family == "sdxl")
+        for name in ma:
+            wa, wb = a.weight(ma[name]), b.weight(mb[name])
+            assert torch.equal(wa, wb.reshape(wa.shape)), name
+
+
+def test_fixture_bf16_with_ema(tmp_path, tiny_sd1_single):
+    from sd_scripts_lorax.fixtures import write_fixture
+
+    path = write_fixture("sd1", "single_file", "tiny", 0, tmp_path / "ema.safetensors", dtype="bf16", ema=True)
+    with Checkpoint.open(path) as ck, Checkpoint.open(tiny_sd1_single) as plain:
+        assert any(k.startswith("model_ema.") for k in ck.keys())
+        assert set(ck.dtypes()) == {torch.bfloat16}
+        refs = ck.modules()
+        assert set(refs) == set(plain.modules())
+        assert not any(r.key.startswith("model_ema.") for r in refs.values())
+        ref = next(iter(refs.values()))
+        assert ck.weight(ref).dtype == torch.bfloat16

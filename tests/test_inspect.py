@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,20 +40,12 @@ def _live_count(models) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Tiny SD1 and SDXL diffusers folders written by diffusers/transformers themselves."""
+def folders(tiny_sd1_diffusers, tiny_sdxl_diffusers):
+    """The shared tiny diffusers fixtures, with kohya's module counts from the same architecture built live."""
     from sd_scripts_lorax.model_configs import build_models
 
-    out = {}
-    for family, cls in (("sd1", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
-        models = build_models(family, "tiny", seed=5, with_vae=False)
-        root = tmp_path_factory.mktemp(family) / "model"
-        models.unet.save_pretrained(root / "unet")
-        for name, te in zip(("text_encoder", "text_encoder_2"), models.text_encoders):
-            te.save_pretrained(root / name)
-        (root / "model_index.json").write_text(json.dumps({"_class_name": cls}))
-        out[family] = (root, _live_count(models))
-    return out
+    return {f: (p, _live_count(build_models(f, "tiny", device="meta", with_vae=False)))
+            for f, p in (("sd1", tiny_sd1_diffusers), ("sdxl", tiny_sdxl_diffusers))}
 
 
 def write_lora(path: Path, base: Path, rank: int = 4, metadata: dict[str, str] | None = None,
@@ -250,3 +243,32 @@ def test_cli_table(cli_runs):
     rows = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("modules"))
     assert rows["kind"] == "checkpoint" and rows["family"] == "sd1" and rows["layout"] == "diffusers"
     assert "hash" not in out
+
+
+# ---------------------------------------------------------------- single files and lora_file.write_lora
+
+
+def test_single_file_sdxl_and_a_written_lora(tiny_sdxl_single, tiny_sdxl_diffusers, tiny_sd1_single, tmp_path):
+    from sd_scripts_lorax.lora_file import LoraModule, write_lora
+
+    ck = inspect_path(tiny_sdxl_single, with_hashes=False)
+    assert (ck["family"], ck["layout"]) == ("sdxl", "single_file")
+    assert ck["modules"] == inspect_path(tiny_sdxl_diffusers, with_hashes=False)["modules"]
+    # a LoRA over the conv group as well (3x3 convs get their own rank), written by lora_file
+    g = torch.Generator().manual_seed(1)
+    modules = []
+    with Checkpoint.open(tiny_sdxl_single) as c:
+        for name, ref in c.modules().items():
+            r = 2 if ref.is_conv_kxk else 4
+            out_f, in_f, *k = ref.shape
+            modules.append(LoraModule(name, torch.randn(r, in_f, *k, generator=g),
+                                      torch.randn(out_f, r, *([1, 1] if k else []), generator=g), float(r)))
+    path = tmp_path / "xl.safetensors"
+    write_lora(path, modules, {"ss_network_module": "networks.lora_x", "ss_network_dim": "4"})
+    r: dict[str, Any] = inspect_path(path, base=tiny_sdxl_diffusers)
+    assert r["family"] == "sdxl" and r["modules"] == len(modules)
+    assert r["rank"] == {"min": 2, "max": 4, "most_common": 4} and r["conv_kxk_modules"] > 0
+    assert r["sshs_model_hash_matches"] is True  # write_lora's sshs hash is kohya's: bytes after the header
+    assert r["base"]["ok"] and r["base"]["fits"] == len(modules)
+    wrong = inspect_path(path, base=tiny_sd1_single, with_hashes=False)["base"]
+    assert not wrong["family_matches"] and wrong["problem_count"] == wrong["total"] - wrong["fits"] > 0
