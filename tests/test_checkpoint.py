@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import hashlib
 import json
 from pathlib import Path
@@ -387,3 +388,38 @@ def test_fixture_bf16_with_ema(tmp_path, tiny_sd1_single):
         assert not any(r.key.startswith("model_ema.") for r in refs.values())
         ref = next(iter(refs.values()))
         assert ck.weight(ref).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- full-size layouts (sparse files, no memory)
+
+
+def _sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16", itemsize: int = 2):
+    """A valid safetensors file of real size whose data is a hole: only the header is written."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = itemsize
+        for d in shape:
+            n *= d
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
+
+
+@pytest.mark.parametrize("family,counts", [
+    ("sd1", {"unet": 192, "te": 72}), ("sd2", {"unet": 192, "te": 138}),
+    ("sdxl", {"unet": 722, "te1": 72, "te2": 192})])
+def test_full_size_single_file_layouts(tmp_path, family, counts):
+    """The published architectures' original-layout keys: family detection and kohya's module counts."""
+    from sd_scripts_lorax.fixtures import fixture_shapes
+
+    shapes = fixture_shapes(family, "single_file", "full")
+    path = _sparse_safetensors(tmp_path / f"{family}.safetensors", shapes)
+    with Checkpoint.open(path) as ck:
+        assert ck.family == family and ck.dtypes() == {torch.float16: len(shapes)}
+        attn = Counter(r.part for r in ck.modules().values() if r.group == "attn")
+        assert attn == counts
