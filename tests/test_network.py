@@ -269,3 +269,47 @@ def test_svd_cache_and_optimizer_groups(tmp_path) -> None:
     m = b.unet_loras[0]
     dw = (m.u.double() * m.d.detach().double()) @ m.down.double().reshape(m.rank, -1)
     assert float(dw.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_load_lora_weights_matches(family: str, tmp_path) -> None:
+    """An independent consumer (diffusers + peft) loads our file and computes the same outputs."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from sd_scripts_lorax.tiny_tokenizer import write_tokenizer
+
+    ours, theirs = _models(family), _models(family)
+    inputs = _unet_inputs(ours)
+    ids = torch.randint(0, 100, (1, 77), generator=torch.Generator().manual_seed(0))
+    base_unet = _run_unet(ours.unet, inputs)
+    with torch.no_grad():
+        base_te = ours.text_encoders[-1](ids).last_hidden_state
+    net = create_network(1.0, 4, None, None, ours.text_encoders, ours.unet, conv_dim="2")
+    net.apply_to(ours.text_encoders, ours.unet)
+    _random_d(net, seed=5)
+    path = tmp_path / f"{family}.safetensors"
+    net.save_weights(str(path), None, {})
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "tok")))
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=theirs.vae, text_encoder=theirs.text_encoders[0],
+                                         text_encoder_2=theirs.text_encoders[1], tokenizer=tok, tokenizer_2=tok,
+                                         unet=theirs.unet, scheduler=DDPMScheduler())
+    else:
+        pipe = StableDiffusionPipeline(vae=theirs.vae, text_encoder=theirs.text_encoders[0], tokenizer=tok,
+                                       unet=theirs.unet, scheduler=DDPMScheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    # every module of ours became a peft LoRA layer there: nothing was silently dropped
+    peft_layers = sum(1 for m in [pipe.unet, *theirs.text_encoders] for x in m.modules() if hasattr(x, "lora_A"))
+    assert peft_layers == len(net.applied_loras())
+
+    got, want = _run_unet(pipe.unet, inputs), _run_unet(ours.unet, inputs)
+    assert ((got - want).norm() / want.norm()) < 1e-4
+    assert ((want - base_unet).norm() / base_unet.norm()) > 1e-2
+    with torch.no_grad():
+        got_te = theirs.text_encoders[-1](ids).last_hidden_state
+        want_te = ours.text_encoders[-1](ids).last_hidden_state
+    assert ((got_te - want_te).norm() / want_te.norm()) < 1e-4
+    assert ((want_te - base_te).norm() / base_te.norm()) > 1e-2
