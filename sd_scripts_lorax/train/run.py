@@ -140,10 +140,9 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
 
     weight_dtype = WEIGHT_DTYPES[args["mixed_precision"]]
     device = accelerator.device
-    models.vae.to(device, weight_dtype)
-    models.unet.to(device, weight_dtype)
-    for te in models.text_encoders:
-        te.to(device, weight_dtype)
+    for m in [models.vae, models.unet, *models.text_encoders]:
+        # frozen weights in the autocast dtype (kohya); fp32 stays as loaded
+        m.to(device) if weight_dtype == torch.float32 else m.to(device, weight_dtype)
     if args["full_fp16"] or args["full_bf16"]:
         network.to(torch.float16 if args["full_fp16"] else torch.bfloat16)
     network.to(device)
