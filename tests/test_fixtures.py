@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import DERIVED_DRIFT
 from sd_scripts_lorax import ldm_convert as lc
 from sd_scripts_lorax.errors import LoraxInputError
+from sd_scripts_lorax.fixture_math import init_tensor
 from sd_scripts_lorax.fixtures import derive_fixture, fixture_shapes, write_fixture
 from sd_scripts_lorax.naming import index_modules
 
@@ -59,12 +60,12 @@ def test_dtypes_ema_and_spectrum(tmp_path):
     b = write_fixture("sdxl", "diffusers", "tiny", 0, tmp_path / "b", dtype="bf16", spectrum="decaying")
     st = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in st.values())
-    w = st["down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"].float()
-    sv = torch.linalg.svdvals(w)
-    flat = torch.linalg.svdvals(load_file(write_fixture("sdxl", "diffusers", "tiny", 0, tmp_path / "f")
-                                          / "unet" / "diffusion_pytorch_model.safetensors")[
-        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"])
-    assert sv[0] / sv[len(sv) // 2] > 3 * flat[0] / flat[len(flat) // 2]  # decays much faster than init
+    key = "unet/down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"
+    assert torch.equal(st[key.split("/", 1)[1]], init_tensor(key, (64, 256), 0, "decaying").bfloat16())
+    sv = torch.linalg.svdvals(init_tensor(key, (64, 256), 0, "decaying"))
+    flat = torch.linalg.svdvals(init_tensor(key, (64, 256), 0, "init"))
+    assert sv[0] / sv[32] > 3 * flat[0] / flat[32]  # decays much faster than the plain init
+    assert sv.norm().item() == pytest.approx(flat.norm().item(), rel=0.2)  # same overall scale
     with pytest.raises(LoraxInputError, match="ema"):
         write_fixture("sd15", "diffusers", "tiny", 0, tmp_path / "e", ema=True)
 
