@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -423,3 +423,32 @@ def test_full_size_single_file_layouts(tmp_path, family, counts):
         assert ck.family == family and ck.dtypes() == {torch.float16: len(shapes)}
         attn = Counter(r.part for r in ck.modules().values() if r.group == "attn")
         assert attn == counts
+
+
+def test_hash_file_reads_each_byte_once(tmp_path, monkeypatch):
+    import builtins
+
+    from sd_scripts_lorax import hashing
+
+    path = write(tmp_path / "m.safetensors", {"a": torch.arange(300_000, dtype=torch.float32)})
+    reads = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            reads.append(n)
+            return n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(hashing, "open", lambda *a, **k: Counting(builtins.open(*a, **k)), raising=False)
+    h = hashing.hash_file(path, chunk_size=65536)
+    assert sum(reads) == path.stat().st_size  # one pass: every byte read exactly once
+    assert h.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
