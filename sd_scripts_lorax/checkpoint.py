@@ -252,8 +252,10 @@ def _open_single_safetensors(path: Path) -> Checkpoint:
 def _open_pickle(path: Path) -> Checkpoint:
     import torch
 
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's zip format can be memory-mapped, legacy pickles not
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         raise LoraxInputError(
             f"{path}: refused: this pickle needs arbitrary Python objects to load "

@@ -168,10 +168,11 @@ def test_weight_refuses_nan_and_inf(tmp_path):
         assert ck.weight(ok).shape == (2, 32)
 
 
-def test_ckpt_with_state_dict_wrapper(tmp_path):
+@pytest.mark.parametrize("zipfile", [True, False])  # torch's zip format (memory-mapped) and legacy pickles
+def test_ckpt_with_state_dict_wrapper(tmp_path, zipfile):
     state = make_state(SD1_KEYS, torch.float16)
     path = tmp_path / "m.ckpt"
-    torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, path)
+    torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, path, _use_new_zipfile_serialization=zipfile)
     with Checkpoint.open(path) as ck:
         assert ck.family == "sd1" and ck.layout == "single_file"
         key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
