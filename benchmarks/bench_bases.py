@@ -1,0 +1,86 @@
+"""Time top-r bases: exact vs gram vs randomized vs batched gram, on SD1.5 layer shapes.
+
+Usage: python benchmarks/bench_bases.py [--ranks 32 320] [--repeats 3] [--device cpu] [--batch 4]
+Prints, per shape and rank, the median seconds per matrix and the ratio against "exact" measured in
+the same run, plus the projector error of each method against exact (||P - P_exact||_F / sqrt(r)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from sd_scripts_lorax.lorax import top_bases, top_bases_batched
+
+# (out, in*kh*kw) of SD1.5 layers: attention q/k/v/out, cross-attn k/v (in 768), GEGLU ff.net.0 (2560x320
+# at level 0 is ff_net_0 out x in), ff.net.2 (1280x5120), a 3x3 conv (320 x 320*9)
+SHAPES = [(320, 320), (640, 640), (1280, 1280), (320, 768), (2560, 320), (1280, 5120), (320, 2880)]
+
+
+def realistic(out: int, n: int, seed: int) -> torch.Tensor:
+    """A weight with a slowly decaying spectrum, like trained SD layers (no gap at r)."""
+    g = torch.Generator().manual_seed(seed)
+    m = min(out, n)
+    w = torch.randn(out, n, generator=g) / math.sqrt(n)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    s = torch.linspace(1.0, 0.05, m) ** 2
+    return (u * s) @ vh
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def proj_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a @ a.T - b @ b.T).norm() / math.sqrt(a.shape[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 320])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4, help="stack size for the batched timing")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"repeats {args.repeats} (median), batch {args.batch}")
+    header = (f"{'shape':>12} {'r':>4} {'exact s':>9} {'gram s':>9} {'x':>6} {'rand s':>9} {'x':>6} "
+              f"{'batched s':>10} {'x':>6} {'err gram':>9} {'err rand':>9}")
+    print(header)
+    for out, n in SHAPES:
+        ws = torch.stack([realistic(out, n, seed) for seed in range(args.batch)]).to(device)
+        w = ws[0]
+        for rank in args.ranks:
+            r = min(rank, out, n)
+            t_exact, e = timed(lambda: top_bases(w, r, "exact"), args.repeats, device)
+            t_gram, g = timed(lambda: top_bases(w, r, "gram"), args.repeats, device)
+            t_rand, rz = timed(lambda: top_bases(w, r, "randomized"), args.repeats, device)
+            t_batch, _ = timed(lambda: top_bases_batched(ws, r, "gram"), args.repeats, device)
+            t_batch /= args.batch
+            full = r == min(out, n)  # the full-rank projector is the identity: compare values instead
+            err_g = float((g.s - e.s).abs().max() / e.s[0]) if full else proj_err(g.u.cpu(), e.u.cpu())
+            err_r = float((rz.s - e.s).abs().max() / e.s[0]) if full else proj_err(rz.u.cpu(), e.u.cpu())
+            print(f"{f'{out}x{n}':>12} {r:>4} {t_exact:9.4f} {t_gram:9.4f} {t_exact / t_gram:6.2f} "
+                  f"{t_rand:9.4f} {t_exact / t_rand:6.2f} {t_batch:10.4f} {t_exact / t_batch:6.2f} "
+                  f"{err_g:9.1e} {err_r:9.1e}")
+    print("x = exact time / method time (higher is faster); batched = gram on the stack, per matrix;"
+          " err = projector error vs exact (singular-value error when r is full)")
+
+
+if __name__ == "__main__":
+    main()
