@@ -205,10 +205,11 @@ def lora_family(entries: Mapping[str, LoraEntry], meta: Mapping[str, str]) -> tu
     sai = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
     if any(n.startswith(("lora_te1_", "lora_te2_", *sai)) for n in names):
         return "sdxl", "names"
-    # SD1 and SD2 share names: tell them apart by the text (or cross-attention) width, 768 vs 1024
+    # SD1 and SD2 share names: tell them apart by the text (or cross-attention) width, 768 vs 1024;
+    # 2048 is SDXL's cross-attention width (a UNet-only SDXL LoRA with diffusers-style names)
     widths = [e.down[1] for n, e in entries.items() if n.startswith("lora_te_") and n.endswith("_q_proj")]
     widths += [e.down[1] for n, e in entries.items() if n.startswith("lora_unet_") and n.endswith("_attn2_to_k")]
-    for width, fam in ((768, "sd1"), (1024, "sd2")):
+    for width, fam in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
         if widths and widths[0] == width:
             return fam, "widths"
     return "sd1/sd2", "names"

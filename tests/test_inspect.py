@@ -159,6 +159,7 @@ def test_lora_family_rules():
     assert lora_family(_entries([(q, 768)]), {}) == ("sd1", "widths")
     assert lora_family(_entries([(q, 1024)]), {}) == ("sd2", "widths")
     assert lora_family(_entries([(k, 1024)]), {}) == ("sd2", "widths")
+    assert lora_family(_entries([(k, 2048)]), {}) == ("sdxl", "widths")
     assert lora_family(_entries([(q, 32)]), {}) == ("sd1/sd2", "names")
     assert lora_family(_entries([("lora_unet_input_blocks_4_1_proj_in", 640)]), {})[0] == "sdxl"
     assert lora_family(_entries([(q, 768)]), {"ss_base_model_version": "sd_v2"}) == ("sd2", "ss_base_model_version")
