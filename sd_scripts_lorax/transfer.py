@@ -388,21 +388,23 @@ def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold:
     meta = dict(job.lora.metadata)
     s_hash, t_hash = src.hashes(), tgt.hashes()
     rep = job.report
-    meta.update(lora_file.transfer_metadata(
-        source_name=src.name, source_hash=s_hash.sha256, target_name=tgt.name, target_hash=t_hash.sha256,
-        threshold=threshold, kept=len(rep.kept), dropped=len(rep.dropped)))
+    ranks = {int(m.down.shape[0]) for m in job.out.values()}
+    meta.update(lora_file.lorax_metadata(
+        rank=max(ranks), source_name=src.name, source_hash=s_hash.sha256, target_name=tgt.name,
+        target_hash=t_hash.sha256, threshold=threshold, kept=len(rep.kept), dropped=len(rep.dropped)))
     # kohya's base-model keys now describe the target
     meta["ss_sd_model_name"] = tgt.name
     meta["ss_sd_model_hash"] = t_hash.legacy
     meta["ss_new_sd_model_hash"] = t_hash.sha256
-    ranks = {int(m.down.shape[0]) for m in job.out.values()}
-    alphas = {float(m.alpha) for m in job.out.values()}
-    if not job.plain or all(m.reason != IDENTICAL for m in rep.modules):
-        meta["ss_network_alpha"] = (str(int(next(iter(alphas)))) if len(alphas) == 1 else "Dynamic")
-    if len(ranks) == 1:
-        meta["ss_network_dim"] = str(next(iter(ranks)))
-    elif ranks:
-        meta["ss_network_dim"] = "Dynamic"
+    # describe what is actually written (LoRA-X modules have alpha = rank)
+    dims = {str(int(m.down.shape[0])) for m in job.out.values()}
+    alphas = {str(float(m.alpha)) for m in job.out.values()}
+    meta["ss_network_dim"] = dims.pop() if len(dims) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = alphas.pop() if len(alphas) == 1 else "Dynamic"
+    if job.plain and any(m.reason == IDENTICAL for m in rep.kept):
+        # identical modules of a plain LoRA are copied as they are, outside any subspace: do not
+        # claim the file is LoRA-X, so a later transfer still warns and reports the energy
+        meta.pop("lorax.format_version", None)
     return meta
 
 
@@ -501,8 +503,8 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
                                           f"(lower --threshold or use --dry_run to see the report)")
             for j, o in zip(jobs, outs):
                 meta = _output_metadata(j, src, tgt, float(threshold))
-                j.report.source_hash = meta.get("lorax.source_hash")
-                j.report.target_hash = meta.get("lorax.target_hash")
+                j.report.source_hash = meta.get("lorax.source_model_hash")
+                j.report.target_hash = meta.get("lorax.target_model_hash")
                 write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
                            overwrite=overwrite)
 

@@ -88,3 +88,274 @@ def test_heatmap_grid_and_png(tmp_path):
     png = plot_heatmap(_report(), tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# ================================================================ the pipeline on tiny fixtures
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sd_scripts_lorax.checkpoint import Checkpoint
+from sd_scripts_lorax.errors import LoraxInputError
+from sd_scripts_lorax.fixtures import derive_fixture, write_fixture
+from sd_scripts_lorax.lora_file import (LoraModule, is_lorax, lorax_metadata, minimum_kohya_metadata, read_lora,
+                                        write_lora)
+from sd_scripts_lorax.lorax import lorax_factors, top_bases
+from sd_scripts_lorax.transfer import transfer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the tiny SVDs here are dominated by thread start-up on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_lora(ckpt: Path, out: Path, rank: int = 4, seed: int = 0, plain: bool = False,
+              parts: tuple[str, ...] = ("unet", "te", "te1", "te2"), dtype: torch.dtype = torch.float32) -> Path:
+    """A LoRA-X file over every attn-group module of `ckpt` (random d on the weight's top bases),
+    or, with plain=True, an ordinary LoRA with random factors and alpha = rank / 2."""
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    with Checkpoint.open(ckpt) as c:
+        for name, ref in sorted(c.modules().items()):
+            if ref.group != "attn" or ref.part not in parts:
+                continue
+            w = c.weight(ref)
+            if plain:
+                r = rank
+                n = math.prod(ref.shape[1:])
+                down = torch.randn(r, *ref.shape[1:], generator=g) / math.sqrt(n)
+                up = torch.randn(ref.shape[0], r, *((1, 1) if len(ref.shape) == 4 else ()), generator=g) * 0.1
+                mods.append(LoraModule(name, down.to(dtype), up.to(dtype), r / 2))
+            else:
+                b = top_bases(w, rank)
+                up, down = lorax_factors(b, b.s * 0.3 * torch.randn(b.rank, generator=g), ref.shape)
+                mods.append(LoraModule(name, down.to(dtype), up.to(dtype), float(b.rank)))
+        meta = minimum_kohya_metadata(c.family, "networks.lora" if plain else "networks.lora_x",
+                                      [m.rank for m in mods], [m.alpha for m in mods], date="2025-01-01T00:00:00")
+        if not plain:
+            meta.update(lorax_metadata(rank, c.name, "0" * 64))
+        meta["ss_sd_model_name"] = c.name
+    return write_lora(out, mods, meta, overwrite=True)
+
+
+def dense(m: LoraModule) -> torch.Tensor:
+    """scale * up @ down as an (out, in*kh*kw) float64 matrix."""
+    return (m.up.reshape(m.up.shape[0], -1).double() @ m.down.reshape(m.down.shape[0], -1).double()) * m.scale
+
+
+def reference_projection(w_t: torch.Tensor, m: LoraModule, r: int) -> torch.Tensor:
+    """U_t U_t^T dW_s V_t V_t^T with torch.linalg.svd on the dense target weight (float64)."""
+    u, _, vh = torch.linalg.svd(w_t.reshape(w_t.shape[0], -1).double(), full_matrices=False)
+    ur, vr = u[:, :r], vh[:r].T
+    return ur @ (ur.T @ dense(m) @ vr) @ vr.T
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def sd1_fp16(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("sd1_fp16")
+    src = write_fixture("sd1", "single_file", "tiny", 3, d / "sd1_fp16.safetensors", dtype="fp16")
+    return src, derive_fixture(src, d / "sd1_fp16_ft.safetensors", 0.05, 4, keep_text_encoder=True)
+
+
+def test_target_equal_to_source_copies_the_input(tmp_path, tiny_sd1_single):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors")
+    out = tmp_path / "out.safetensors"
+    (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_single, out, progress=False, svd_cache_dir=tmp_path / "c")
+    assert all(m.reason == IDENTICAL and m.transferred for m in rep.modules)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())  # no SVD at all
+    a, b = read_lora(lora), read_lora(out)
+    assert a.modules.keys() == b.modules.keys()
+    for n, m in a.modules.items():
+        assert torch.equal(m.up, b.modules[n].up) and torch.equal(m.down, b.modules[n].down)
+        assert m.alpha == b.modules[n].alpha
+    md = b.metadata
+    assert md["ss_sd_model_name"] == tiny_sd1_single.name
+    with Checkpoint.open(tiny_sd1_single) as c:
+        h = c.hashes()
+    assert md["ss_new_sd_model_hash"] == h.sha256 and md["ss_sd_model_hash"] == h.legacy
+    assert md["lorax.target_model_hash"] == h.sha256 and md["lorax.modules_kept"] == str(len(a.modules))
+    assert md["modelspec.date"] == "2025-01-01T00:00:00"  # input metadata carried over
+    assert is_lorax(b)
+
+
+def _check_against_reference(lora: Path, out: Path, target: Path, rep, tol: float) -> int:
+    src_mods, out_mods = read_lora(lora).modules, read_lora(out).modules
+    checked = 0
+    with Checkpoint.open(target) as t:
+        refs = t.modules()
+        for m in rep.modules:
+            if m.reason != TRANSFERRED:
+                continue
+            o = out_mods[m.name]
+            r = o.rank
+            assert o.alpha == r and tuple(o.down.shape[1:]) == tuple(refs[m.name].shape[1:])
+            want = reference_projection(t.weight(refs[m.name]), src_mods[m.name], r)
+            assert rel(dense(o), want) < tol, m.name
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("fixture", ["sd1_single", "sd1_diffusers", "sdxl_single", "sdxl_diffusers"])
+def test_derived_target_matches_dense_reference(tmp_path, request, fixture):
+    src = request.getfixturevalue(f"tiny_{fixture}")
+    tgt = request.getfixturevalue(f"tiny_{fixture}_derived")
+    lora = make_lora(src, tmp_path / "in.safetensors", rank=4)
+    out = tmp_path / "out.safetensors"
+    (rep,) = transfer(lora, src, tgt, out, threshold=0.0, progress=False)
+    n = _check_against_reference(lora, out, tgt, rep, 1e-4)
+    assert n >= 100  # every UNet attn module (the text encoders are bit-identical: copied)
+    assert {m.reason for m in rep.modules} == {TRANSFERRED, IDENTICAL}
+    assert all(0.0 <= m.phi <= 1.0 for m in rep.modules)
+
+
+def test_fp16_checkpoints_and_save_precision(tmp_path, sd1_fp16):
+    src, tgt = sd1_fp16
+    lora = make_lora(src, tmp_path / "in.safetensors", dtype=torch.float16)
+    out = tmp_path / "out.safetensors"
+    (rep,) = transfer(lora, src, tgt, out, threshold=0.0, save_precision="float", progress=False)
+    assert _check_against_reference(lora, out, tgt, rep, 1e-4) > 100
+    assert next(iter(read_lora(out).modules.values())).up.dtype == torch.float32
+    out16 = tmp_path / "out16.safetensors"
+    transfer(lora, src, tgt, out16, threshold=0.0, precision="bf16", progress=False)
+    a, b = read_lora(out).modules, read_lora(out16).modules
+    assert next(iter(b.values())).up.dtype == torch.float16  # default: the input's precision
+    assert max(rel(dense(b[n]), dense(a[n])) for n in a) < 2e-2  # bf16 projection, fp16 save
+
+
+def test_threshold_and_filter_blocks_drop_modules(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors")
+    out = tmp_path / "out.safetensors"
+    (full,) = transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, None, dry_run=True, threshold=0.0,
+                       progress=False)
+    phis = sorted(m.phi for m in full.modules if m.reason == TRANSFERRED)
+    thr = phis[len(phis) // 2]  # about half the projected modules fall below this
+    (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, out, threshold=thr,
+                      filter_blocks=["lora_te_*", "*attn2_to_k"], report_path=tmp_path / "r.json",
+                      plot_path=tmp_path / "p.png", progress=False)
+    written = read_lora(out).modules
+    by = {m.name: m for m in rep.modules}
+    assert by.keys() == read_lora(lora).modules.keys()
+    for name, m in by.items():
+        if name.startswith("lora_te_") or name.endswith("attn2_to_k"):
+            assert m.reason == FILTERED and not m.transferred
+        elif m.reason == BELOW_THRESHOLD:
+            assert m.phi < thr
+        else:
+            assert m.reason == TRANSFERRED and m.phi >= thr
+        assert (name in written) == m.transferred
+    assert sum(m.reason == BELOW_THRESHOLD for m in rep.modules) >= 10
+    assert read_lora(out).metadata["lorax.modules_dropped"] == str(len(rep.dropped))
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {m["reason"] for m in doc["modules"]} == {TRANSFERRED, BELOW_THRESHOLD, FILTERED}
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_dry_run_writes_only_the_report(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors")
+    transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "out.safetensors", dry_run=True,
+             report_path=tmp_path / "r.json", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "r.json"]
+
+
+def test_output_loads_with_diffusers(tmp_path, tiny_sd1_diffusers, tiny_sd1_diffusers_derived):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    lora = make_lora(tiny_sd1_diffusers, tmp_path / "in.safetensors")
+    out = tmp_path / "out.safetensors"
+    transfer(lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, out, threshold=0.0, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_diffusers_derived), safety_checker=None)
+    pipe.load_lora_weights(str(out))
+    merged = UNet2DConditionModel.from_pretrained(str(tiny_sd1_diffusers_derived / "unet"))
+    base = copy.deepcopy(merged)
+    with Checkpoint.open(tiny_sd1_diffusers_derived) as c:
+        refs = c.modules()
+    with torch.no_grad():
+        for name, m in read_lora(out).modules.items():
+            ref = refs[name]
+            if ref.part == "unet":
+                w = merged.get_submodule(ref.key.split("/", 1)[1].removesuffix(".weight")).weight
+                w += dense(m).to(w.dtype).reshape(w.shape)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        got = pipe.unet(x, 10, encoder_hidden_states=ctx).sample
+        want = merged(x, 10, encoder_hidden_states=ctx).sample
+        before = base(x, 10, encoder_hidden_states=ctx).sample
+    assert (want - before).abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_transfer_back_is_well_defined(tmp_path, tiny_sdxl_single, tiny_sdxl_single_derived):
+    lora = make_lora(tiny_sdxl_single, tmp_path / "in.safetensors")
+    there, back = tmp_path / "there.safetensors", tmp_path / "back.safetensors"
+    (r1,) = transfer(lora, tiny_sdxl_single, tiny_sdxl_single_derived, there, threshold=0.0, progress=False)
+    (r2,) = transfer(there, tiny_sdxl_single_derived, tiny_sdxl_single, back, threshold=0.0, progress=False)
+    assert r2.is_lorax and len(r2.kept) == len(read_lora(there).modules)
+    assert _check_against_reference(there, back, tiny_sdxl_single, r2, 1e-4) > 100
+    # the output of a transfer is in the target's subspace: transferring it onto the same target again is exact
+    again = tmp_path / "again.safetensors"
+    (r3,) = transfer(there, tiny_sdxl_single_derived, tiny_sdxl_single_derived, again, progress=False)
+    assert all(m.reason == IDENTICAL for m in r3.modules)
+    b = read_lora(back)
+    assert is_lorax(b) and b.metadata["lorax.target_model_name"] == tiny_sdxl_single.name
+    assert r2.summary()["energy_kept"] > 0.9
+
+
+def test_plain_lora_warns_and_reports_source_subspace_energy(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    lora = make_lora(tiny_sd1_single, tmp_path / "plain.safetensors", plain=True, parts=("unet",))
+    out = tmp_path / "out.safetensors"
+    with pytest.warns(UserWarning, match="not a LoRA-X"):
+        (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, out, threshold=0.0, progress=False)
+    assert not rep.is_lorax
+    src = read_lora(lora).modules
+    with Checkpoint.open(tiny_sd1_single) as c:
+        refs = c.modules()
+        for m in rep.modules[:20]:
+            # independent: ||P dW|| / ||dW|| with the dense source SVD
+            u, _, vh = torch.linalg.svd(c.weight(refs[m.name]).reshape(m.shape[0], -1).double(),
+                                        full_matrices=False)
+            dw = dense(src[m.name])
+            p = u[:, :4] @ u[:, :4].T @ dw @ vh[:4].T @ vh[:4]
+            assert m.energy_in_source_subspace == pytest.approx(float(p.norm() / dw.norm()), rel=1e-4)
+    assert 0.0 < rep.summary()["energy_in_source_subspace"] < 0.9  # a random LoRA is mostly outside
+    assert _check_against_reference(lora, out, tiny_sd1_single_derived, rep, 1e-4) > 100
+
+
+def test_several_loras_share_target_svds(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    a = make_lora(tiny_sd1_single, tmp_path / "a.safetensors", rank=4, seed=1, parts=("unet",))
+    b = make_lora(tiny_sd1_single, tmp_path / "b.safetensors", rank=8, seed=2, parts=("unet",))
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    cache = tmp_path / "cache"
+    reps = transfer([a, b], tiny_sd1_single, tiny_sd1_single_derived, outdir, threshold=0.0,
+                    svd_cache_dir=cache, progress=False)
+    n_modules = len(reps[0].modules)
+    # one source and one target SVD per module, at the larger rank (8), shared by both inputs
+    assert len(list(cache.glob("*.safetensors"))) == 2 * n_modules
+    outs = sorted(outdir.iterdir())
+    assert [p.name for p in outs] == [f"a_to_{tiny_sd1_single_derived.stem}.safetensors",
+                                      f"b_to_{tiny_sd1_single_derived.stem}.safetensors"]
+    (alone,) = transfer(a, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "alone.safetensors",
+                        threshold=0.0, progress=False)
+    shared, single = read_lora(outs[0]).modules, read_lora(tmp_path / "alone.safetensors").modules
+    assert max(rel(dense(shared[n]), dense(single[n])) for n in single) < 1e-4
+    assert [m.phi for m in reps[0].modules] == pytest.approx([m.phi for m in alone.modules], abs=1e-5)
+    # the warm cache gives the same bytes
+    again = tmp_path / "again"
+    again.mkdir()
+    transfer([a, b], tiny_sd1_single, tiny_sd1_single_derived, again, threshold=0.0, svd_cache_dir=cache,
+             progress=False)
+    assert [p.read_bytes() for p in sorted(again.iterdir())] == [p.read_bytes() for p in outs]
