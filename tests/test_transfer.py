@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from sd_scripts_lorax.transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, TRANSFERRED, ModuleResult,
-                                              TransferReport, format_table, heatmap_grid, plot_heatmap,
-                                              split_block, write_json)
+from sd_scripts_lorax.transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, TRANSFERRED,
+                                              ModuleResult, TransferReport, format_table, heatmap_grid,
+                                              plot_heatmap, split_block, write_json)
 
 
 def _report(plain: bool = False) -> TransferReport:
@@ -359,3 +359,92 @@ def test_several_loras_share_target_svds(tmp_path, tiny_sd1_single, tiny_sd1_sin
     transfer([a, b], tiny_sd1_single, tiny_sd1_single_derived, again, threshold=0.0, svd_cache_dir=cache,
              progress=False)
     assert [p.read_bytes() for p in sorted(again.iterdir())] == [p.read_bytes() for p in outs]
+
+
+def _distill(src: Path, out: Path, block: str = "model.diffusion_model.input_blocks.7.1.transformer_blocks.") -> Path:
+    """A 'distilled' copy: transformer block 0 of one SDXL attention removed, block 1 renumbered to 0."""
+    state = {}
+    with safe_open(str(src), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith(block + "0."):
+                continue
+            state[k.replace(block + "1.", block + "0.")] = f.get_tensor(k)
+    save_file(state, str(out))
+    return out
+
+
+def test_similarity_match_pairs_renumbered_blocks(tmp_path, tiny_sdxl_single, tiny_sdxl_single_derived):
+    lora = make_lora(tiny_sdxl_single, tmp_path / "in.safetensors", parts=("unet",))
+    tgt = _distill(tiny_sdxl_single_derived, tmp_path / "distilled.safetensors")
+    blk = "lora_unet_input_blocks_7_1_transformer_blocks_"
+    (by_name,) = transfer(lora, tiny_sdxl_single, tgt, tmp_path / "n.safetensors", progress=False)
+    names = {m.name: m for m in by_name.modules}
+    assert names[blk + "1_attn1_to_q"].reason == MISSING_IN_TARGET
+    assert names[blk + "0_attn1_to_q"].reason == BELOW_THRESHOLD  # block 0 now holds block 1's weights
+    out = tmp_path / "s.safetensors"
+    (by_sim,) = transfer(lora, tiny_sdxl_single, tgt, out, match="similarity", progress=False)
+    sims = {m.name: m for m in by_sim.modules if m.transferred}
+    for leaf in ("attn1_to_q", "attn2_to_v", "ff_net_0_proj", "ff_net_2"):
+        m = sims[blk + "0_" + leaf]
+        assert m.source == blk + "1_" + leaf and m.phi > 0.8
+    # elsewhere each module pairs with its own name
+    assert all(m.source == m.name for n, m in sims.items() if not n.startswith(blk))
+    assert len(sims) >= len(names) - 12
+    src_mods, out_mods = read_lora(lora).modules, read_lora(out).modules
+    with Checkpoint.open(tgt) as t:
+        ref = t.modules()[blk + "0_attn1_to_q"]
+        want = reference_projection(t.weight(ref), src_mods[blk + "1_attn1_to_q"], 4)
+    assert rel(dense(out_mods[blk + "0_attn1_to_q"]), want) < 1e-4
+    unpaired = [m for m in by_sim.modules if m.reason == MISSING_IN_TARGET]
+    assert unpaired and all(m.name.startswith(blk + "0_") for m in unpaired)
+    json.dumps(by_sim.to_json())  # sources of re-paired modules are named in the report
+    assert by_sim.to_json()["modules"][[m.name for m in by_sim.modules].index(blk + "0_attn1_to_q")]["source"]
+
+
+def test_noise_prediction_change_is_carried_over(tmp_path, tiny_sd1_diffusers, tiny_sd1_diffusers_derived):
+    """The claim, on a function: eps change of the transferred adapter on the target vs the source adapter
+    on the source, compared with copying d into the target's own bases (paper Table 5's baseline);
+    copying the source file unchanged onto the target is printed too."""
+    from diffusers import UNet2DConditionModel
+
+    src, tgt = tiny_sd1_diffusers, tiny_sd1_diffusers_derived
+    lora = make_lora(src, tmp_path / "in.safetensors", rank=4, seed=5, parts=("unet",))
+    out = tmp_path / "out.safetensors"
+    transfer(lora, src, tgt, out, threshold=0.0, progress=False)
+    src_mods, out_mods = read_lora(lora).modules, read_lora(out).modules
+    us = UNet2DConditionModel.from_pretrained(str(src / "unet"))
+    ut = UNet2DConditionModel.from_pretrained(str(tgt / "unet"))
+    with Checkpoint.open(src) as c:
+        paths = {n: r.key.split("/", 1)[1].removesuffix(".weight") for n, r in c.modules().items()}
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+
+    def eps(unet, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = copy.deepcopy(unet)
+        with torch.no_grad():
+            for n, dw in deltas.items():
+                w = u.get_submodule(paths[n]).weight
+                w += dw.to(w.dtype).reshape(w.shape)
+            return u(x, 500, encoder_hidden_states=ctx).sample
+
+    def d_copy(n: str) -> torch.Tensor:
+        ws, wt = (m.get_submodule(paths[n]).weight.detach() for m in (us, ut))
+        bs, bt = top_bases(ws, 4), top_bases(wt, 4)
+        d = (bs.u.T.double() @ dense(src_mods[n]) @ bs.v.double()).diagonal()
+        return bt.u.double() @ torch.diag(d) @ bt.v.double().T
+
+    base_s, base_t = eps(us, {}), eps(ut, {})
+    want = eps(us, {n: dense(m) for n, m in src_mods.items()}) - base_s
+    got = {"transferred": eps(ut, {n: dense(m) for n, m in out_mods.items()}) - base_t,
+           "copy d into target bases": eps(ut, {n: d_copy(n) for n in src_mods}) - base_t,
+           "copy source file unchanged": eps(ut, {n: dense(m) for n, m in src_mods.items()}) - base_t}
+    score = {}
+    for k, v in got.items():
+        cos = float(torch.nn.functional.cosine_similarity(v.flatten(), want.flatten(), dim=0))
+        mse = float(((v - want) ** 2).mean() / (want ** 2).mean())
+        score[k] = (cos, mse)
+        print(f"\n  {k:28s} cosine {cos:.4f}  relative MSE {mse:.4f}", end="")
+    print()
+    assert score["transferred"][0] > score["copy d into target bases"][0]
+    assert score["transferred"][1] < score["copy d into target bases"][1]
+    assert score["transferred"][0] > 0.8
