@@ -116,6 +116,7 @@ class Target:
     part: str          # "unet" | "te" | "te1" | "te2"
     base: nn.Module    # a Linear or Conv2d
     rank: int          # requested rank; the module keeps min(rank, out, in*kh*kw)
+    alias: str | None = None  # SDXL: the diffusers-style kohya name that some files use instead
 
 
 def text_encoder_parts(text_encoder: Any) -> list[tuple[str, nn.Module]]:
@@ -160,27 +161,29 @@ def find_targets(text_encoder: Any, unet: nn.Module | None, rank: int, conv_rank
     `ranks` are kept, at their given rank; otherwise Linear / 1x1 convs get `rank` and kxk convs
     `conv_rank` (skipped when it is None; conv classes are searched only when it is given).
     """
-    search: list[tuple[str, nn.Module, tuple[str, ...], Any]] = []
+    search: list[tuple[str, nn.Module, tuple[str, ...], Any, bool]] = []
     for part, te in text_encoder_parts(text_encoder):
-        search.append((part, te, TE_TARGETS, te_path_to_kohya))
+        search.append((part, te, TE_TARGETS, te_path_to_kohya, False))
     if unet is not None:
         family, block_map = unet_naming(unet)
         classes = UNET_TARGETS + (UNET_CONV_TARGETS if (conv_rank is not None or ranks is not None) else ())
-        search.append(("unet", unet, classes, lambda p: unet_path_to_kohya(p, family, block_map)))
+        search.append(("unet", unet, classes, lambda p: unet_path_to_kohya(p, family, block_map), family == "sdxl"))
     targets: dict[str, Target] = {}
     seen: set[int] = set()
-    for part, root, classes, to_kohya in search:
+    for part, root, classes, to_kohya, aliased in search:
         for path, layer in _wrappable_children(root, classes):
             if id(layer) in seen:
                 continue  # nested target classes reach the same layer twice
             seen.add(id(layer))
             name = kohya_name(part, to_kohya(path))
+            # kohya also reads SDXL files written with diffusers-style UNet names
+            alias = kohya_name(part, path) if aliased else None
             if name in targets:
                 raise LoraxInputError(f"networks.lora_x: two layers map to the same name {name}")
             if ranks is not None:
-                if name not in ranks:
+                r = ranks.get(name, ranks.get(alias)) if alias else ranks.get(name)
+                if r is None:
                     continue
-                r = ranks[name]
             else:
                 r = conv_rank if is_kxk(layer) else rank
                 if r is None:
@@ -188,7 +191,7 @@ def find_targets(text_encoder: Any, unet: nn.Module | None, rank: int, conv_rank
             if type(layer).__name__ == "Conv2d" and layer.groups != 1:
                 logger.warning("networks.lora_x: skipping grouped conv %s (groups=%d)", name, layer.groups)
                 continue
-            targets[name] = Target(name, part, layer, int(r))
+            targets[name] = Target(name, part, layer, int(r), alias)
     return list(targets.values())
 
 
@@ -254,6 +257,8 @@ class LoraXNetwork(nn.Module):
         self.options = options
         self.multiplier = float(multiplier)
         self._targets = {t.lora_name: t for t in targets}
+        self._aliases = {t.alias: t.lora_name for t in targets if t.alias}
+        self._not_applied: set[str] = set()
         self.text_encoder_loras: list[LoraXModule] = []
         self.unet_loras: list[LoraXModule] = []
         self._built = False
@@ -296,8 +301,10 @@ class LoraXNetwork(nn.Module):
         self._build()
         chosen = (self.text_encoder_loras if apply_text_encoder else []) + (self.unet_loras if apply_unet else [])
         if not apply_text_encoder:
+            self._not_applied |= {m.lora_name for m in self.text_encoder_loras}
             self.text_encoder_loras = []
         if not apply_unet:
+            self._not_applied |= {m.lora_name for m in self.unet_loras}
             self.unet_loras = []
         for mod in chosen:
             mod.apply_to()
@@ -342,12 +349,12 @@ class LoraXNetwork(nn.Module):
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = float(multiplier)
-        for m in self.all_loras():
+        for m in self.text_encoder_loras + self.unet_loras:  # built ones only: no SVD for this
             m.multiplier = self.multiplier
 
     def set_enabled(self, enabled: bool) -> None:
         self._enabled = bool(enabled)
-        for m in self.all_loras():
+        for m in self.text_encoder_loras + self.unet_loras:
             m.enabled = self._enabled
 
     def is_mergeable(self) -> bool:
@@ -388,6 +395,10 @@ class LoraXNetwork(nn.Module):
         meta.update(lorax_metadata(self.options.rank, meta.get("ss_sd_model_name", "unknown"), source_hash))
         write_lora(file, self.lora_modules(), meta, dtype=dtype, overwrite=True)
 
+    def _canonical(self, modules: Mapping[str, Any]) -> dict[str, Any]:
+        """A file's modules keyed by this network's names (SDXL diffusers-style names mapped to SAI)."""
+        return {self._aliases.get(name, name): lm for name, lm in modules.items()}
+
     def _projections(self, file_name: str, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """d per module from a file's factors; raises before anything is changed."""
         mine = self._by_name()
@@ -419,18 +430,23 @@ class LoraXNetwork(nn.Module):
         """
         from .lora_file import is_lorax, read_lora
         lf = read_lora(file)
-        ds = self._projections(str(file), lf.modules)
+        modules = self._canonical(lf.modules)
+        # modules of a part that apply_to left out (e.g. --network_train_unet_only) are skipped, as kohya does
+        skipped = sorted(n for n in modules if n in self._not_applied)
+        modules = {n: lm for n, lm in modules.items() if n not in self._not_applied}
+        ds = self._projections(str(file), modules)
         mine = self._by_name()
-        info: dict[str, Any] = {"loaded": len(ds), "missing": sorted(set(mine) - set(ds)), "lorax": is_lorax(lf)}
-        if not info["lorax"]:
-            info.update(self._energy_report(str(file), lf.modules, ds))
+        info: dict[str, Any] = {"loaded": len(ds), "skipped": skipped, "missing": sorted(set(mine) - set(ds)),
+                                "lorax": is_lorax(lf)}
+        info.update(self._energy_report(str(file), modules, ds, info["lorax"]))
         with torch.no_grad():
             for name, d in ds.items():
                 mine[name].d.copy_(d.to(mine[name].d.device))
         return info
 
-    def _energy_report(self, file_name: str, modules: Mapping[str, Any], ds: Mapping[str, torch.Tensor]
-                       ) -> dict[str, float]:
+    def _energy_report(self, file_name: str, modules: Mapping[str, Any], ds: Mapping[str, torch.Tensor],
+                       lorax: bool) -> dict[str, float]:
+        """Share of the file's update (Frobenius, over all modules) inside the bases, and kept as d."""
         mine = self._by_name()
         sub_num = sub_den = diag_num = 0.0
         for name, lm in modules.items():
@@ -446,9 +462,13 @@ class LoraXNetwork(nn.Module):
             diag_num += float(ds[name].double().square().sum())
         subspace = math.sqrt(sub_num / sub_den) if sub_den > 0 else 1.0
         diagonal = math.sqrt(diag_num / sub_den) if sub_den > 0 else 1.0
-        logger.warning("%s is not a LoRA-X file: its update was projected onto the base subspace; "
-                       "%.1f%% of its energy lies in that subspace and %.1f%% is kept as LoRA-X d",
-                       file_name, 100 * subspace, 100 * diagonal)
+        if not lorax:
+            logger.warning("%s is not a LoRA-X file: its update was projected onto the base subspace; "
+                           "%.1f%% of its energy lies in that subspace and %.1f%% is kept as LoRA-X d",
+                           file_name, 100 * subspace, 100 * diagonal)
+        elif diagonal < 0.999:
+            logger.warning("%s: only %.1f%% of this LoRA-X file's update fits this model's bases; was it made for "
+                           "another base model? (transfer_lorax.py carries it over)", file_name, 100 * diagonal)
         return {"energy_in_subspace": subspace, "energy_kept": diagonal}
 
     @torch.no_grad()
@@ -463,7 +483,7 @@ class LoraXNetwork(nn.Module):
             for m in self.all_loras():
                 m.merge_to()
             return
-        modules = modules_from_state_dict(weights_sd, "merge_to")
+        modules = self._canonical(modules_from_state_dict(weights_sd, "merge_to"))
         unknown = [n for n in modules if n not in self._targets]
         if unknown:
             raise LoraxInputError(f"merge_to: {len(unknown)} module(s) do not fit this model: "
@@ -548,7 +568,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     ranks = {name: lm.rank for name, lm in modules.items()}
     options = parse_options(max(ranks.values(), default=DEFAULT_RANK), None, None, kwargs)
     targets = find_targets(text_encoder, unet, options.rank, options.conv_rank, ranks=ranks)
-    found = {t.lora_name for t in targets}
+    found = {t.lora_name for t in targets} | {t.alias for t in targets if t.alias}
     unknown = [n for n in ranks if n not in found]
     if unknown:
         raise LoraxInputError(f"{file or 'weights_sd'}: {len(unknown)} module(s) do not fit this model: "

@@ -313,3 +313,37 @@ def test_diffusers_load_lora_weights_matches(family: str, tmp_path) -> None:
         want_te = ours.text_encoders[-1](ids).last_hidden_state
     assert ((got_te - want_te).norm() / want_te.norm()) < 1e-4
     assert ((want_te - base_te).norm() / base_te.norm()) > 1e-2
+
+
+def test_sdxl_diffusers_style_names_and_unet_only(tmp_path) -> None:
+    """SDXL files with diffusers-style UNet names load (as kohya converts them); a UNet-only network
+    skips the text-encoder modules of a file instead of failing."""
+    from safetensors.torch import load_file, save_file
+    models = _models("sdxl")
+    net = create_network(1.0, 3, None, None, models.text_encoders, models.unet)
+    net.apply_to(models.text_encoders, models.unet)
+    _random_d(net, seed=7)
+    path = tmp_path / "sai.safetensors"
+    net.save_weights(str(path), None, {})
+    path_of = {id(mod): name for name, mod in models.unet.named_modules()}
+    rename = {m.lora_name: "lora_unet_" + path_of[id(m.base)].replace(".", "_") for m in net.unet_loras}
+    assert any(k != v for k, v in rename.items())
+    sd = load_file(str(path))
+    renamed = {}
+    for k, t in sd.items():
+        name, _, suffix = k.partition(".")
+        renamed[f"{rename.get(name, name)}.{suffix}"] = t
+    diffusers_style = tmp_path / "diffusers_style.safetensors"
+    save_file(renamed, str(diffusers_style), {"ss_network_module": "networks.lora_x"})
+
+    fresh = create_network(1.0, 3, None, None, models.text_encoders, models.unet)
+    fresh.apply_to(models.text_encoders, models.unet, apply_text_encoder=False, apply_unet=True)
+    info = fresh.load_weights(str(diffusers_style))
+    assert info["loaded"] == len(net.unet_loras) and len(info["skipped"]) == len(net.text_encoder_loras)
+    want = {m.lora_name: m.d.detach() for m in net.unet_loras}
+    for m in fresh.applied_loras():
+        torch.testing.assert_close(m.d.detach(), want[m.lora_name], rtol=1e-5, atol=1e-6)
+    assert all(k.startswith("lora_unet_") for k in fresh.state_dict())
+    # create_network_from_weights accepts the diffusers-style names too
+    again, _ = create_network_from_weights(1.0, str(diffusers_style), None, models.text_encoders, models.unet)
+    assert {m.lora_name for m in again.unet_loras} == set(want)

@@ -1,0 +1,145 @@
+"""Benchmark: LoRA-X network creation (cold / warm SVD cache) and a training step vs a plain LoRA.
+
+Full-size SD1.5 UNet + text encoder with random weights, fp32 on CPU. Both adapters are measured in
+the same run on the same model at the same rank, so the printed ratios are like for like:
+
+    .venv/bin/python benchmarks/bench_network.py [--rank 320] [--repeats 3] [--latent 32]
+                                                 [--cold-modules 0] [--threads N]
+
+--cold-modules N > 0 times the cold SVD on the first N targeted modules only (and says so); the
+warm-cache creation is always timed on the whole network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sd_scripts_lorax.model_configs import build_models
+from sd_scripts_lorax.network import LoraXNetwork, compute_bases, create_network, find_targets, parse_options
+
+
+class PlainLora(nn.Module):
+    """A minimal kohya-style LoRA (for comparison only): y = W x + up(down(x)) * alpha / r."""
+
+    def __init__(self, base: nn.Module, rank: int) -> None:
+        super().__init__()
+        w = base.weight
+        r = min(rank, w.shape[0], w[0].numel())
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(r, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, r, bias=False)
+            self.up = nn.Linear(r, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.normal_(self.up.weight, std=1e-4)  # non-zero so both factors get gradients
+        self._base = [base]
+        self._org = base.forward
+        base.forward = self.forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._org(x, *args, **kwargs) + self.up(self.down(x))
+
+    def restore(self) -> None:
+        del self._base[0].forward
+
+
+def _inputs(unet: nn.Module, latent: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    return x, torch.tensor([500]), ctx
+
+
+def _step_seconds(unet: nn.Module, params: list[nn.Parameter], latent: int, repeats: int) -> tuple[float, int]:
+    """Median seconds of forward + backward + AdamW step; and the optimizer-state bytes."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x, t, ctx = _inputs(unet, latent)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up allocators and is not counted
+        start = time.perf_counter()
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+        F.mse_loss(out, torch.zeros_like(out)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                      if isinstance(v, torch.Tensor))
+    return sorted(times)[len(times) // 2], state_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", type=int, default=320)
+    ap.add_argument("--repeats", type=int, default=3, help="timed training steps per adapter (median reported)")
+    ap.add_argument("--latent", type=int, default=32, help="latent side (32 = a 256 px image)")
+    ap.add_argument("--cold-modules", type=int, default=0, help="time the cold SVD on this many modules (0 = all)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rank {args.rank}, "
+          f"latent {args.latent}x{args.latent}, batch 1, fp32, CPU")
+    t0 = time.perf_counter()
+    models = build_models("sd1", "full", seed=0, with_vae=False)
+    unet, te = models.unet, models.text_encoders[0]
+    for m in (unet, te):
+        m.requires_grad_(False)
+    print(f"built full SD1.5 UNet + TE (random weights) in {time.perf_counter() - t0:.1f} s")
+
+    options = parse_options(args.rank, None, None, {})
+    targets = find_targets(te, unet, options.rank, None)
+    with tempfile.TemporaryDirectory() as cache:
+        cold_targets = targets[:args.cold_modules] if args.cold_modules else targets
+        start = time.perf_counter()
+        compute_bases(cold_targets, cache_dir=cache)
+        cold = time.perf_counter() - start
+        scope = (f"{len(cold_targets)} of {len(targets)} modules (SUBSAMPLED)" if args.cold_modules
+                 else f"all {len(targets)} modules")
+        print(f"cold SVD, {scope}: {cold:.1f} s (includes writing the cache)")
+        if args.cold_modules:
+            start = time.perf_counter()
+            compute_bases(targets[args.cold_modules:], cache_dir=cache)  # fill the rest, untimed in 'cold'
+        start = time.perf_counter()
+        network = create_network(1.0, args.rank, None, None, te, unet, svd_cache_dir=cache)
+        warm = time.perf_counter() - start
+        print(f"create_network with a warm SVD cache (hashing + loading {len(targets)} entries): {warm:.1f} s")
+        if not args.cold_modules:
+            print(f"  warm / cold = {warm / cold:.3f}")
+    assert isinstance(network, LoraXNetwork)
+
+    network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
+    lx_params = [m.d for m in network.unet_loras]
+    lx_count = sum(p.numel() for p in lx_params)
+    with torch.no_grad():
+        for p in lx_params:
+            p.normal_(std=1e-3)
+    lx_time, lx_state = _step_seconds(unet, lx_params, args.latent, args.repeats)
+    for m in network.unet_loras:
+        m.restore()
+
+    plain = [PlainLora(t.base, args.rank) for t in targets if t.part == "unet"]
+    pl_params = [p for m in plain for p in m.parameters()]
+    pl_count = sum(p.numel() for p in pl_params)
+    pl_time, pl_state = _step_seconds(unet, pl_params, args.latent, args.repeats)
+    for m in plain:
+        m.restore()
+
+    print(f"UNet training step (forward + backward + AdamW), median of {args.repeats}:")
+    print(f"  LoRA-X     {lx_time:7.2f} s  trainable {lx_count:>12,}  optimizer state {lx_state / 2**20:9.2f} MiB")
+    print(f"  plain LoRA {pl_time:7.2f} s  trainable {pl_count:>12,}  optimizer state {pl_state / 2**20:9.2f} MiB")
+    print(f"  ratio LoRA-X / plain: time {lx_time / pl_time:.2f}x, trainable {lx_count / pl_count:.5f}x, "
+          f"optimizer state {lx_state / pl_state:.5f}x")
+
+
+if __name__ == "__main__":
+    main()
