@@ -17,21 +17,27 @@ atomically, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .atomic import check_writable
+from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
 from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
                               TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
                               split_block, write_json)
+
+if TYPE_CHECKING:  # sibling I/O modules, imported lazily at run time
+    from .checkpoint import Checkpoint
+    from .hashing import FileHashes
+    from .lora_file import LoraFile, LoraModule
 
 MATCH_MODES = ("name", "similarity")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -382,11 +388,53 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
 # ---------------------------------------------------------------- metadata and writing
 
 
-def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float) -> dict[str, str]:
+_HASHES_FILE = "model_hashes.json"
+
+
+def _stat_key(path: Path) -> str:
+    """Identity of a checkpoint on disk: path, sizes and mtimes of its weight files."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    stats = [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps([str(path.resolve()), stats])
+
+
+def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
+    """ckpt.hashes(), remembered in the SVD cache folder by path, size and mtime (hashing a 2-7 GB
+    checkpoint costs seconds, more than a warm transfer; A1111 caches these the same way)."""
+    from .hashing import FileHashes
+
+    if cache_dir is None:
+        return ckpt.hashes()
+    book_path = cache_dir / _HASHES_FILE
+    key = _stat_key(ckpt.path)
+    try:
+        book = json.loads(book_path.read_text())
+        hit = book[key]
+        return FileHashes(sha256=hit["sha256"], legacy=hit["legacy"], addnet=hit.get("addnet"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h = ckpt.hashes()
+    try:
+        try:
+            book = json.loads(book_path.read_text())
+            book = book if isinstance(book, dict) else {}
+        except (OSError, ValueError):
+            book = {}
+        book[key] = {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(book_path) as tmp:
+            tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
+    except OSError:  # a cache that cannot be written costs time, never the result
+        pass
+    return h
+
+
+def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float,
+                     cache_dir: Path | None) -> dict[str, str]:
     from . import lora_file
 
     meta = dict(job.lora.metadata)
-    s_hash, t_hash = src.hashes(), tgt.hashes()
+    s_hash, t_hash = model_hashes(src, cache_dir), model_hashes(tgt, cache_dir)
     rep = job.report
     ranks = {int(m.down.shape[0]) for m in job.out.values()}
     meta.update(lora_file.lorax_metadata(
@@ -502,7 +550,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
                     raise LoraxInputError(f"{j.path}: no module passed (threshold {threshold}); nothing to write "
                                           f"(lower --threshold or use --dry_run to see the report)")
             for j, o in zip(jobs, outs):
-                meta = _output_metadata(j, src, tgt, float(threshold))
+                meta = _output_metadata(j, src, tgt, float(threshold), provider.cache_dir)
                 j.report.source_hash = meta.get("lorax.source_model_hash")
                 j.report.target_hash = meta.get("lorax.target_model_hash")
                 write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
