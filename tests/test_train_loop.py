@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_lorax.toml"
 
 
-def _args(out: Path, *extra: str) -> dict:
-    return parse_args(["--config_file", str(TINY), "--output_dir", str(out), "--progress", "off", *extra])
+def _args(out: Path, *extra: str, cache: bool = False) -> dict:
+    args = parse_args(["--config_file", str(TINY), "--output_dir", str(out), "--progress", "off", *extra])
+    args["cache_latents"] = cache  # short runs: encoding all 24 images first costs more than it saves
+    return args
 
 
 def test_resume_is_bit_for_bit(tmp_path):

@@ -54,6 +54,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("v_parameterization", FLAG, False, "train with the v-prediction target"),
     Option("clip_skip", int, None, "use the output of the n-th last text-encoder layer (SD1/2)"),
     Option("device", str, "cpu", "cpu or cuda", choices=("cpu", "cuda")),
+    Option("num_cpu_threads_per_process", int, None,
+           "torch CPU threads (as accelerate's launcher flag; 1 avoids oversubscription on busy machines)"),
     # network
     Option("network_module", str, "networks.lora_x", "kohya-contract network module to train"),
     Option("network_dim", int, None, "rank"),

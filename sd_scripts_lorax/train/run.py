@@ -49,8 +49,10 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum: int, logging
 
 
 def cache_latents(models: TrainModels, data: BucketedDataset, to_disk: bool, seed: int, device: torch.device,
-                  dtype: torch.dtype) -> None:
-    """Encode every (image, flip) once; with to_disk, reuse/write `<image>.npz` (kohya's place)."""
+                  dtype: torch.dtype, chunk: int = 8) -> None:
+    """Encode every (image, flip) once, in chunks of one bucket; with to_disk, reuse/write
+    `<image>.npz` next to the image (kohya's place)."""
+    todo: dict[tuple[int, int], list[tuple[int, bool]]] = {}
     for i, item in enumerate(data.items):
         flips = [False, True] if item.subset.flip_aug else [False]
         npz = item.path.with_suffix(".npz")
@@ -60,18 +62,22 @@ def cache_latents(models: TrainModels, data: BucketedDataset, to_disk: bool, see
                 data.latent_cache[(i, False)] = torch.from_numpy(z["latents"])
                 if "latents_flipped" in z:
                     data.latent_cache[(i, True)] = torch.from_numpy(z["latents_flipped"])
-                if all((i, f) in data.latent_cache for f in flips):
-                    continue
-        for f in flips:
-            img = load_image(item, f)[0].unsqueeze(0).to(device, dtype)
-            gen = torch.Generator().manual_seed(seed * 1009 + i * 2 + int(f))
+        todo.setdefault(item.bucket, []).extend((i, f) for f in flips if (i, f) not in data.latent_cache)
+    for keys in todo.values():
+        for k in range(0, len(keys), chunk):
+            part = keys[k:k + chunk]
+            imgs = torch.stack([load_image(data.items[i], f)[0] for i, f in part]).to(device, dtype)
+            gen = torch.Generator().manual_seed(seed * 1009 + part[0][0] * 2 + int(part[0][1]))
             with torch.no_grad():
-                data.latent_cache[(i, f)] = encode_images(models, img, gen)[0].cpu()
-        if to_disk:
+                lat = encode_images(models, imgs, gen).cpu()
+            for (i, f), z in zip(part, lat):
+                data.latent_cache[(i, f)] = z.clone()
+    if to_disk:
+        for i, item in enumerate(data.items):
             arrays = {"latents": data.latent_cache[(i, False)].numpy(), "reso": np.array(item.bucket)}
             if (i, True) in data.latent_cache:
                 arrays["latents_flipped"] = data.latent_cache[(i, True)].numpy()
-            np.savez(npz, **arrays)
+            np.savez(item.path.with_suffix(".npz"), **arrays)
 
 
 def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,6 +93,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("pretrained_model_name_or_path", "train_data_dir"):
         if args.get(key):
             ensure_embedded(args[key])
+    if args.get("num_cpu_threads_per_process"):
+        torch.set_num_threads(args["num_cpu_threads_per_process"])
     seed = args["seed"] if args.get("seed") is not None else random.randint(0, 2**31 - 1)
     random.seed(seed)
     np.random.seed(seed % 2**32)
