@@ -99,3 +99,16 @@ def test_cli_bad_input_exits_2(tmp_path):
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "missing.toml" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, family_res", [("sd15", 512), ("sdxl", 1024)])
+def test_paper_configs_parse(name, family_res):
+    """The shipped paper configs: rank 320, AdamW 1e-3 constant, batch 8, min-SNR 5, 5000 steps."""
+    from sd_scripts_lorax.train.data_config import load_dataset_config
+
+    args = parse_args(["--config_file", str(REPO / "configs" / f"{name}_lorax.toml")])
+    assert (args["network_module"], args["network_dim"], args["optimizer_type"]) == ("networks.lora_x", 320, "AdamW")
+    assert (args["learning_rate"], args["lr_scheduler"], args["min_snr_gamma"]) == (1e-3, "constant", 5.0)
+    assert args["max_train_steps"] == 5000 and args["gradient_checkpointing"]
+    (ds,) = load_dataset_config(args["dataset_config"], args, family_res)
+    assert ds.batch_size == 8 and ds.buckets.resolution == (family_res, family_res)
