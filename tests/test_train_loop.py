@@ -106,6 +106,7 @@ def test_interrupted_save_leaves_no_partial_file(tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--pretrained_model_name_or_path", "{tmp}/weird"], "unknown model family"),
     (["--pretrained_model_name_or_path", "{tmp}/missing"], "not found"),
+    (["--pretrained_model_name_or_path", "{tmp}/unknown.safetensors"], "unknown architecture"),
     (["--resolution", "72", "--dataset_config", "{tmp}/none.toml"], "none.toml: config file not found"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, needle):
@@ -118,6 +119,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, needle):
     (weird / "unet" / "config.json").write_text("{}")
     (weird / "text_encoder").mkdir()
     (weird / "text_encoder" / "config.json").write_text('{"hidden_act": "relu"}')
+    from safetensors.torch import save_file
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(tmp_path / "unknown.safetensors"))
     argv = ["--config_file", str(TINY), "--output_dir", str(tmp_path / "out"), "--progress", "off"]
     argv += [e.replace("{tmp}", str(tmp_path)) for e in extra]
     with pytest.raises(SystemExit) as exc:
@@ -126,3 +129,21 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, needle):
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_single_file_checkpoint_trains(tmp_path):
+    """An LDM-layout single file (the project's tiny fixture) loads with the same weights as its
+    diffusers twin and trains."""
+    from sd_scripts_lorax.fixtures import write_fixture
+    from sd_scripts_lorax.train.models import load_models
+
+    single = write_fixture("sd1", "single_file", "tiny", 3, tmp_path / "m.safetensors")
+    folder = write_fixture("sd1", "diffusers", "tiny", 3, tmp_path / "m")
+    a, b = load_models(str(single)), load_models(str(folder))
+    for x, y in ((a.unet, b.unet), (a.text_encoders[0], b.text_encoders[0]), (a.vae, b.vae)):
+        sx, sy = x.state_dict(), y.state_dict()
+        assert all(torch.equal(sx[k], sy[k].reshape(sx[k].shape)) for k in sx)
+    res = run_training(_args(tmp_path / "out", "--pretrained_model_name_or_path", str(single),
+                             "--max_train_steps", "1"))
+    with safe_open(res["final"], "pt") as f:
+        assert f.metadata()["ss_sd_model_name"] == "m.safetensors"

@@ -83,13 +83,47 @@ def _load_folder(folder: Path) -> tuple[Any, list, list, Any]:
 
 
 def _load_single_file(path: Path) -> tuple[str, Any, list, list, Any]:
-    try:
-        from .. import ldm_convert  # written by another part of the project; optional here
-        load = getattr(ldm_convert, "load_pipeline_parts")
-    except (ImportError, AttributeError):
-        raise LoraxInputError(f"{path}: single-file checkpoints need sd_scripts_lorax.ldm_convert; "
-                              "pass a diffusers folder instead") from None
-    return load(path)
+    """An LDM/SAI single file: family from the keys, architecture from model_configs (tiny for the
+    project's own fixtures, full size otherwise), weights through ldm_convert's plans."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from .. import ldm_convert
+    from ..checkpoint import Checkpoint, read_safetensors_header
+    from ..model_configs import build_models
+    from ..tiny_tokenizer import write_tokenizer
+
+    with Checkpoint.open(path) as ck:  # LoraxInputError on corrupt files and unknown families
+        family = ck.family
+        size = "full"
+        if path.suffix == ".safetensors" and "lorax.fixture" in read_safetensors_header(path).metadata:
+            size = json.loads(read_safetensors_header(path).metadata["lorax.fixture"]).get("size", "full")
+        if size == "full":
+            raise LoraxInputError(f"{path}: full-size single-file {family} checkpoints need the real CLIP "
+                                  "tokenizer, which is never downloaded; pass the model as a diffusers folder")
+        models = build_models(family, size)
+        parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoders[0]}
+        if family == "sdxl":
+            parts["text_encoder_2"] = models.text_encoders[1]
+        prefix = {c: any(k.startswith("text_model.") for k in m.state_dict())
+                  for c, m in parts.items() if c.startswith("text_encoder")}
+        plan = ldm_convert.from_single_file(family, {k: ck.shape(k) for k in ck.keys()}, prefix)
+        state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in parts}
+        for key, tensor in ldm_convert.run_plan(plan, ck.tensor):
+            component, _, inner = key.partition("/")
+            state[component][inner] = tensor.float()
+    for component, module in parts.items():
+        missing, unexpected = module.load_state_dict(state[component], strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        if missing or unexpected:
+            raise LoraxInputError(f"{path}: {component} does not match the {family} {size} layout "
+                                  f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    toks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(len(models.text_encoders)):
+            toks.append(CLIPTokenizer.from_pretrained(write_tokenizer(Path(tmp) / f"tok{i}")))
+    return family, models.unet, models.text_encoders, toks, models.vae
 
 
 def load_vae(path: Path) -> Any:
