@@ -21,6 +21,7 @@ import json
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -463,6 +464,15 @@ def _save_dtype(job: _Job, save_precision: str | None) -> torch.dtype:
     return first.up.dtype  # keep the input's precision
 
 
+@contextmanager
+def _io_errors(path: str | os.PathLike) -> Iterator[None]:
+    """A failed write (disk full, permissions changed meanwhile) is one line, and atomic_write left nothing."""
+    try:
+        yield
+    except OSError as exc:
+        raise LoraxInputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
 # ---------------------------------------------------------------- the public API
 
 
@@ -489,8 +499,10 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
             SVDs are always float32 or better. save_precision: output dtype (default: the input's).
         svd_cache_dir: folder of cached bases (see ``svd_cache``); reused across runs.
         overwrite: replace existing outputs. dry_run: compute and report, write no adapter.
-        report_path, plot_path: JSON report and per-block phi heat map (PNG); with several inputs
-            each gets ``<stem>.<lora stem><suffix>``... for the plot, and the JSON holds ``{"reports": [...]}``.
+        report_path: JSON report, ``{"modules": [...], "summary": {...}}``; with several inputs
+            ``{"reports": [<that>, ...]}`` in input order.
+        plot_path: per-block phi heat map (PNG); with several inputs one per input, named
+            ``<stem>.<lora stem><suffix>``.
         progress: tqdm progress bar over modules.
 
     Returns one TransferReport per input, in order. Raises LoraxInputError on bad input, before
@@ -553,15 +565,18 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
                 meta = _output_metadata(j, src, tgt, float(threshold), provider.cache_dir)
                 j.report.source_hash = meta.get("lorax.source_model_hash")
                 j.report.target_hash = meta.get("lorax.target_model_hash")
-                write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
-                           overwrite=overwrite)
+                with _io_errors(o):
+                    write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
+                               overwrite=overwrite)
 
     reports = [j.report for j in jobs]
     if report_path is not None:
-        write_json(reports, report_path)
+        with _io_errors(report_path):
+            write_json(reports, report_path)
     for rep, pp in zip(reports, plot_paths):
         if pp is not None:
-            plot_heatmap(rep, pp)
+            with _io_errors(pp):
+                plot_heatmap(rep, pp)
     return reports
 
 
