@@ -448,3 +448,14 @@ def test_noise_prediction_change_is_carried_over(tmp_path, tiny_sd1_diffusers, t
     assert score["transferred"][0] > score["copy d into target bases"][0]
     assert score["transferred"][1] < score["copy d into target bases"][1]
     assert score["transferred"][0] > 0.8
+
+
+def test_mixed_layouts(tmp_path, tiny_sd1_single, tiny_sd1_diffusers, tiny_sd1_diffusers_derived):
+    """A single file and a diffusers folder of the same weights are identical module by module;
+    a single-file source onto a diffusers target projects like any other pair."""
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet", "te"))
+    (same,) = transfer(lora, tiny_sd1_single, tiny_sd1_diffusers, None, dry_run=True, progress=False)
+    assert {m.reason for m in same.modules} == {IDENTICAL}
+    out = tmp_path / "out.safetensors"
+    (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_diffusers_derived, out, threshold=0.0, progress=False)
+    assert _check_against_reference(lora, out, tiny_sd1_diffusers_derived, rep, 1e-4) > 100
