@@ -268,7 +268,7 @@ def plot_heatmap(report: TransferReport, path: str | Path) -> Path:
         fig.tight_layout()
         path = Path(path)
         with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # long block names
     finally:
         plt.close(fig)
     return path
