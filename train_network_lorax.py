@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             print("\ninterrupted: every file already in the output folder is complete", file=sys.stderr)
             raise SystemExit(130) from None
-    print(f"saved {result['final']}")
+    if result["main"]:
+        sync = f" ({result['num_processes']} processes, ranks in sync: {result['ranks_in_sync']})" \
+            if result["num_processes"] > 1 else ""
+        print(f"saved {result['final']}{sync}")
 
 
 if __name__ == "__main__":

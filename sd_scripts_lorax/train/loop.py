@@ -168,5 +168,11 @@ def train_loop(accelerator, models: TrainModels, network, optimizer, lr_schedule
     final_state = (TrainState(epoch + 1, 0, global_step, s.seed) if position >= len(mine)
                    else TrainState(epoch, position, global_step, s.seed))
     save(s.output_name, final_epoch, final_state)
+    in_sync = True
+    if nproc > 1:  # every rank must hold the same adapter: gradients were all-reduced each step
+        flat = torch.cat([p.detach().float().flatten() for p in net.get_trainable_params()]).to(device)
+        gathered = accelerator.gather(flat.unsqueeze(0))
+        in_sync = bool((gathered == gathered[0]).all())
     return {"final": s.output_dir / f"{s.output_name}{s.save_suffix}", "saved": saved, "losses": losses,
-            "global_step": global_step}
+            "global_step": global_step, "main": accelerator.is_main_process, "ranks_in_sync": in_sync,
+            "num_processes": nproc}

@@ -217,6 +217,9 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
                             lambda step, epoch: at_save(base_md, spec_md, step, epoch, extra_md), sample_fn)
     finally:
         accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()  # else gloo ranks can hang at interpreter exit
     result["family"] = models.family
     return result
 
