@@ -93,7 +93,6 @@ def test_heatmap_grid_and_png(tmp_path):
 # ================================================================ the pipeline on tiny fixtures
 
 import copy
-import warnings
 from pathlib import Path
 
 import torch
@@ -459,3 +458,19 @@ def test_mixed_layouts(tmp_path, tiny_sd1_single, tiny_sd1_diffusers, tiny_sd1_d
     out = tmp_path / "out.safetensors"
     (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_diffusers_derived, out, threshold=0.0, progress=False)
     assert _check_against_reference(lora, out, tiny_sd1_diffusers_derived, rep, 1e-4) > 100
+
+
+def test_bad_options_are_refused_before_any_work(tmp_path, tiny_sd1_single):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("te",))
+    args = (lora, tiny_sd1_single, tiny_sd1_single)
+    with pytest.raises(LoraxInputError, match="threshold"):
+        transfer(*args, tmp_path / "o.safetensors", threshold=1.5, progress=False)
+    with pytest.raises(LoraxInputError, match="--match"):
+        transfer(*args, tmp_path / "o.safetensors", match="fuzzy", progress=False)
+    with pytest.raises(LoraxInputError, match="--save_to"):
+        transfer(*args, None, progress=False)
+    with pytest.raises(LoraxInputError, match="need an output folder"):
+        transfer([lora, lora], tiny_sd1_single, tiny_sd1_single, tmp_path / "o.safetensors", progress=False)
+    with pytest.raises(LoraxInputError, match="no_such_folder"):
+        transfer(*args, tmp_path / "no_such_folder", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
