@@ -3,7 +3,6 @@ saves and samples at kohya's intervals, resumable bit for bit (see dataset.py fo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +100,7 @@ def train_loop(accelerator, models: TrainModels, network, optimizer, lr_schedule
             save_state(accelerator, s.output_dir / f"{stem}-state", state_next)
 
     recent: list[float] = []
+    started = time.perf_counter()
     done = global_step >= s.max_train_steps
     epoch = start.epoch
     position, mine = start.batch, []
@@ -164,6 +164,7 @@ def train_loop(accelerator, models: TrainModels, network, optimizer, lr_schedule
             break
         epoch += 1
     bar.close()
+    train_seconds = time.perf_counter() - started
     final_epoch = min(epoch, s.num_epochs)
     final_state = (TrainState(epoch + 1, 0, global_step, s.seed) if position >= len(mine)
                    else TrainState(epoch, position, global_step, s.seed))
@@ -175,4 +176,4 @@ def train_loop(accelerator, models: TrainModels, network, optimizer, lr_schedule
         in_sync = bool((gathered == gathered[0]).all())
     return {"final": s.output_dir / f"{s.output_name}{s.save_suffix}", "saved": saved, "losses": losses,
             "global_step": global_step, "main": accelerator.is_main_process, "ranks_in_sync": in_sync,
-            "num_processes": nproc}
+            "num_processes": nproc, "train_seconds": train_seconds, "steps_run": global_step - start.global_step}
