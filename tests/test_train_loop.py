@@ -147,3 +147,34 @@ def test_single_file_checkpoint_trains(tmp_path):
                              "--max_train_steps", "1"))
     with safe_open(res["final"], "pt") as f:
         assert f.metadata()["ss_sd_model_name"] == "m.safetensors"
+
+
+def test_feature_flags_together(tmp_path):
+    """bf16 autocast, gradient checkpointing, v target, noise offset, clip skip, TE training, epoch
+    saves, latents cached to disk, buckets and flips, in one short run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / ".cache" / "tiny-bluefire" / "10_bluefire", data / "2_bluefire")
+    for p in sorted((data / "2_bluefire").glob("*.png"))[8:]:
+        p.unlink()
+        p.with_suffix(".txt").unlink()
+    args = _args(tmp_path / "out", "--mixed_precision", "bf16", "--gradient_checkpointing", "--v_parameterization",
+                 "--noise_offset", "0.05", "--clip_skip", "2", "--max_train_epochs", "2", "--save_every_n_epochs",
+                 "1", "--gradient_accumulation_steps", "2", "--cache_latents_to_disk", "--train_data_dir",
+                 str(data), "--caption_extension", ".txt", "--resolution", "64", "--enable_bucket",
+                 "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--flip_aug", "--min_snr_gamma", "5",
+                 "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.5", "--output_name", "ff", "--train_batch_size", "4")
+    args.update(network_train_unet_only=False, dataset_config=None)  # a TOML store_true cannot be unset on the CLI
+    res = run_training(args)
+    # 8 images x 2 repeats / batch 4 = 4 batches per epoch, 2 per update -> 2 steps per epoch
+    assert res["global_step"] == 4 and all(torch.isfinite(torch.tensor(res["losses"])))
+    assert (tmp_path / "out" / "ff-000001.safetensors").is_file()
+    assert not (tmp_path / "out" / "ff-000002.safetensors").exists()  # the last epoch is the final file
+    assert len(list((data / "2_bluefire").glob("*.npz"))) == 8
+    sd = load_file(res["final"])
+    assert any(k.startswith("lora_te_") for k in sd) and any(k.startswith("lora_unet_") for k in sd)
+    with safe_open(res["final"], "pt") as f:
+        md = f.metadata()
+    assert md["modelspec.prediction_type"] == "v" and md["ss_base_model_version"] == "sd_v1_v"
+    assert md["ss_mixed_precision"] == "bf16" and md["ss_clip_skip"] == "2"
