@@ -256,6 +256,8 @@ def test_svd_cache_and_optimizer_groups(tmp_path) -> None:
     for x, y in zip(a.all_loras(), b.all_loras()):
         assert torch.equal(x.u, y.u) and torch.equal(x.down, y.down)
     b.apply_to(te, models.unet, apply_text_encoder=True, apply_unet=True)
+    # a list of one text encoder (gen_img.py passes that for SD1) keeps kohya's "lora_te_" prefix
+    assert b.text_encoder_loras and all(m.lora_name.startswith("lora_te_text_model_") for m in b.text_encoder_loras)
     groups = b.prepare_optimizer_params([1e-5], 1e-4, 1e-3)
     assert isinstance(groups, list) and [g["lr"] for g in groups] == [1e-5, 1e-4]
     assert [g["lr"] for g in b.prepare_optimizer_params(None, None, 2e-4)] == [2e-4, 2e-4]
