@@ -42,7 +42,11 @@ def default_resolution(family: str, v_param: bool) -> int:
 def make_accelerator(device: str, mixed_precision: str, grad_accum: int, logging_dir: str | None,
                      log_with: str | None):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one global state per process; a second run in the same process (tests, notebooks)
+    # with another mixed_precision would be refused, so each run starts from a fresh one
+    AcceleratorState._reset_state()
     log = log_with or ("tensorboard" if logging_dir else None)
     return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                        log_with=log, project_dir=logging_dir)
