@@ -1,7 +1,13 @@
 """Train a LoRA-X (or any kohya-contract network) on SD1.x/2.x/SDXL with kohya's command line.
 
     python train_network_lorax.py --config_file configs/tiny_lorax.toml
-    accelerate launch --num_processes 2 --cpu train_network_lorax.py --config_file ...
+    accelerate launch train_network_lorax.py --config_file configs/sd15_lorax.toml     # one GPU
+    torchrun --nproc_per_node 2 train_network_lorax.py --config_file ...               # 2 CPU processes (gloo)
+
+kohya's options and TOML layouts (--config_file, --dataset_config); relative paths inside a TOML
+resolve against that TOML's folder. `accelerate launch --cpu --num_processes 2` starts only one
+process with accelerate 1.15; torchrun gives the multi-process CPU run. Bad input: one `error:`
+line, exit 2. Ctrl-C: exit 130; every file in the output folder is complete (atomic writes).
 """
 
 from __future__ import annotations
