@@ -79,8 +79,12 @@ def test_sdxl_conditioning_shapes_and_one_step(tmp_path):
     assert torch.allclose(cond.hidden[:1, :, :h1], ref)
     with pytest.raises(Exception, match="--v2 given"):
         load_models(str(model), v2=True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --l 3 --d 1\n")
     res = run_training(_args(tmp_path, "--pretrained_model_name_or_path", str(model), "--sdxl",
-                             "--max_train_steps", "1", "--network_dim", "4"))
+                             "--max_train_steps", "1", "--network_dim", "4", "--sample_prompts", str(prompts),
+                             "--sample_every_n_steps", "1", "--sample_sampler", "euler_a"))
+    assert len(list((tmp_path / "sample").glob("*.png"))) == 1  # SDXL pipeline on the live adapter
     sd = load_file(res["final"])
     assert any(k.startswith("lora_unet_input_blocks_") for k in sd)  # SAI names for SDXL
     with safe_open(res["final"], "pt") as f:
