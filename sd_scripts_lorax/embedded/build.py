@@ -48,7 +48,7 @@ class BuildPlan:
     source_steps: int = 1500
     source_lr: float = 1e-3
     target_steps: int = 600
-    target_lr: float = 2e-4
+    target_lr: float = 1e-3
     weight_decay: float = 0.01
     batch: int = 16
     threads: int = 1
