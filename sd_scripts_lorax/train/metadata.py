@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import random
 import subprocess
@@ -18,29 +17,18 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
                 "ss_network_args")
 
 
-def _weights_file(path: Path) -> Path | None:
-    """The file whose hash names the model: the file itself, or a diffusers folder's UNet weights."""
-    if path.is_file():
-        return path
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (path / "unet" / name).is_file():
-            return path / "unet" / name
-    return None
-
-
 def file_hashes(path: Path) -> tuple[str, str] | None:
-    """(legacy A1111 hash: sha256 of 64 KiB at 1 MiB, first 8 hex; full sha256)."""
-    f = _weights_file(path)
-    if f is None:
+    """(legacy A1111 hash, full sha256) of the model, as the checkpoint reader computes them in one pass
+    (a diffusers folder: of its UNet weights); None when the path is not a readable checkpoint."""
+    from ..checkpoint import Checkpoint
+    from ..errors import LoraxInputError
+
+    try:
+        with Checkpoint.open(path) as ckpt:
+            hashes = ckpt.hashes()
+    except LoraxInputError:
         return None
-    full = hashlib.sha256()
-    with open(f, "rb") as fh:
-        fh.seek(0x100000)
-        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-        fh.seek(0)
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            full.update(chunk)
-    return legacy, full.hexdigest()
+    return hashes.legacy, hashes.sha256
 
 
 def _git_commit() -> str:
