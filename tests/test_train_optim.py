@@ -94,3 +94,14 @@ def test_metadata_keys():
     minimal = base_metadata(dict(args, no_metadata=True), "sd2", {})
     assert set(minimal) == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                             "ss_network_alpha", "ss_network_args"}
+
+
+def test_metadata_model_hashes_match_the_checkpoint_file(tiny_sd1_single):
+    import hashlib
+
+    data = open(tiny_sd1_single, "rb").read()
+    md = base_metadata({"pretrained_model_name_or_path": str(tiny_sd1_single), "network_module": "networks.lora_x"},
+                       "sd1", {})
+    assert md["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert md["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert "ss_sd_model_hash" not in base_metadata({"pretrained_model_name_or_path": "/nowhere/model"}, "sd1", {})
