@@ -52,7 +52,8 @@ def test_captions_use_tokenizer_words():
     for dist in ("base", "shifted"):
         for _ in range(50):
             assert set(_words(sample_scene(rng, dist).caption())) <= vocab
-    assert set(_words(sample_scene(rng, "bluefire").caption())) - vocab == {"bluefire"}
+    # the trigger may be added to the vocabulary later; nothing else may be missing
+    assert set(_words(sample_scene(rng, "bluefire").caption())) - vocab <= {"bluefire"}
 
 
 # ---------------------------------------------------------------- style dataset
