@@ -46,10 +46,12 @@ class PlainLora(nn.Module):
         nn.init.normal_(self.up.weight, std=1e-4)  # non-zero so both factors get gradients
         self._base = [base]
         self._org = base.forward
-        base.forward = self.forward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._org(x, *args, **kwargs) + self.up(self.down(x))
+
+    def apply_to(self) -> None:
+        self._base[0].forward = self.forward
 
     def restore(self) -> None:
         del self._base[0].forward
@@ -62,22 +64,35 @@ def _inputs(unet: nn.Module, latent: int, seed: int = 0):
     return x, torch.tensor([500]), ctx
 
 
-def _step_seconds(unet: nn.Module, params: list[nn.Parameter], latent: int, repeats: int) -> tuple[float, int]:
-    """Median seconds of forward + backward + AdamW step; and the optimizer-state bytes."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    x, t, ctx = _inputs(unet, latent)
-    times = []
-    for i in range(repeats + 1):  # the first step warms up allocators and is not counted
+class Stepper:
+    """One adapter's training step on the shared UNet: patch, forward + backward + AdamW, unpatch."""
+
+    def __init__(self, unet: nn.Module, modules: list[nn.Module], params: list[nn.Parameter], latent: int) -> None:
+        self.unet, self.modules, self.params = unet, modules, params
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.inputs = _inputs(unet, latent)
+        self.times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        for m in self.modules:
+            m.apply_to()
+        x, t, ctx = self.inputs
         start = time.perf_counter()
-        out = unet(x, t, encoder_hidden_states=ctx).sample
+        out = self.unet(x, t, encoder_hidden_states=ctx).sample
         F.mse_loss(out, torch.zeros_like(out)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
-    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                      if isinstance(v, torch.Tensor))
-    return sorted(times)[len(times) // 2], state_bytes
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        for m in self.modules:
+            m.restore()
+
+    def median(self) -> float:
+        return sorted(self.times)[len(self.times) // 2]
+
+    def state_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for s in self.opt.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
 
 
 def main() -> None:
@@ -140,23 +155,24 @@ def main() -> None:
         print("  (step timing below uses random orthonormal bases for the UNet modules)")
 
     network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
+    for m in network.unet_loras:
+        m.restore()  # the steppers patch and unpatch around each step
     lx_params = [m.d for m in network.unet_loras]
-    lx_count = sum(p.numel() for p in lx_params)
     with torch.no_grad():
         for p in lx_params:
             p.normal_(std=1e-3)
-    lx_time, lx_state = _step_seconds(unet, lx_params, args.latent, args.repeats)
-    for m in network.unet_loras:
-        m.restore()
+    lorax = Stepper(unet, network.unet_loras, lx_params, args.latent)
+    plain_mods = [PlainLora(t.base, args.rank) for t in targets if t.part == "unet"]
+    plain = Stepper(unet, plain_mods, [p for m in plain_mods for p in m.parameters()], args.latent)
+    # Interleaved, so that a change in machine load hits both alike; the first round warms up.
+    for i in range(args.repeats + 1):
+        lorax.step(timed=i > 0)
+        plain.step(timed=i > 0)
+    lx_time, pl_time = lorax.median(), plain.median()
+    lx_count, pl_count = sum(p.numel() for p in lorax.params), sum(p.numel() for p in plain.params)
+    lx_state, pl_state = lorax.state_bytes(), plain.state_bytes()
 
-    plain = [PlainLora(t.base, args.rank) for t in targets if t.part == "unet"]
-    pl_params = [p for m in plain for p in m.parameters()]
-    pl_count = sum(p.numel() for p in pl_params)
-    pl_time, pl_state = _step_seconds(unet, pl_params, args.latent, args.repeats)
-    for m in plain:
-        m.restore()
-
-    print(f"UNet training step (forward + backward + AdamW), median of {args.repeats}:")
+    print(f"UNet training step (forward + backward + AdamW), median of {args.repeats}, interleaved:")
     print(f"  LoRA-X     {lx_time:7.2f} s  trainable {lx_count:>12,}  optimizer state {lx_state / 2**20:9.2f} MiB")
     print(f"  plain LoRA {pl_time:7.2f} s  trainable {pl_count:>12,}  optimizer state {pl_state / 2**20:9.2f} MiB")
     print(f"  ratio LoRA-X / plain: time {lx_time / pl_time:.2f}x, trainable {lx_count / pl_count:.5f}x, "
