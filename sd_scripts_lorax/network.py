@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LoraxInputError
+from .finite import all_finite
 from .lorax import Bases, d_from_factors, energy_in_subspace, top_bases_batched
 from .modules import WRAPPABLE, LoraXModule, is_kxk
 from .svd_cache import get_many
@@ -208,7 +209,7 @@ def check_finite(targets: Iterable[Target]) -> None:
     """Refuse NaN/Inf base weights before anything is computed or patched."""
     for t in targets:
         w = t.base.weight
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             what = "NaN" if torch.isnan(w).any() else "Inf"
             raise LoraxInputError(f"base model: module {t.lora_name} weight {tuple(w.shape)} contains {what}")
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write
 from .errors import LoraxInputError
+from .finite import all_finite
 from .lorax.bases import METHOD_VERSION, Bases
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
         return None
     want = _expected_shapes(weight, rank)
     got = (tuple(bases.u.shape), tuple(bases.s.shape), tuple(bases.v.shape))
-    finite = all(torch.isfinite(t).all() for t in (bases.u, bases.s, bases.v))
+    finite = all(all_finite(t) for t in (bases.u, bases.s, bases.v))
     if got != want or not finite:
         log.warning("SVD cache entry %s has shapes %s, expected %s (or non-finite values); recomputing", path, got, want)
         return None

@@ -131,3 +131,22 @@ def test_hashing_is_fast():
     svd_cache.cache_key(w, 32)
     elapsed = time.perf_counter() - t
     assert elapsed < 2.0, f"hashing 64 MiB took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_matches_elementwise_check(dtype):
+    from sd_scripts_lorax.finite import all_finite
+    big = torch.finfo(dtype).max
+    cases = [torch.randn(7, 5), torch.zeros(0), torch.full((4,), big, dtype=dtype),
+             torch.tensor([big, big, -big], dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(50)
+        t[17] = bad
+        cases.append(t)
+    both = torch.randn(9)
+    both[2], both[5] = float("inf"), -float("inf")  # sums to NaN, not to a finite value
+    cases.append(both)
+    for t in cases:
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+    assert all_finite(torch.arange(5))
