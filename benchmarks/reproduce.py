@@ -119,6 +119,7 @@ def finetuned_target(source: Path, name: str, steps: int) -> Path:
         return dest
     log(f"  building {name} target ({steps} steps, lr {settings['lr']:g}) -> {dest}")
     v, data = _latent_data(source, "shifted", settings["images"], seed=101)
+    v.unet.requires_grad_(True)  # load_variant freezes it
     pretrain.train_denoiser(v.unet, v.text_encoder, data, DDPMScheduler(**NOISE_SCHEDULE), steps, 16,
                             settings["lr"], 0.01, train_te=False, seed=102)
     return _save_unet(source, v.unet, dest)
