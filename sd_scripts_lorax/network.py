@@ -206,7 +206,7 @@ def _svd_device(weight: torch.Tensor, svd_device: str | None) -> torch.device:
 
 
 def check_finite(targets: Iterable[Target]) -> None:
-    """Refuse NaN/Inf base weights before anything is computed or patched."""
+    """Refuse NaN/Inf base weights (LoraxInputError naming the module and its shape)."""
     for t in targets:
         w = t.base.weight
         if not all_finite(w):
@@ -231,7 +231,14 @@ def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_devi
 
 def compute_bases(targets: list[Target], method: str = "auto", svd_device: str | None = None,
                   cache_dir: str | None = None) -> dict[str, Bases]:
-    """Top-r bases per target: one SVD each, same-shaped weights batched, optional content-hash cache."""
+    """Top-r bases per target: one SVD each, same-shaped weights batched, optional content-hash cache.
+
+    NaN/Inf weights raise LoraxInputError before their SVD. Without a cache every weight is checked
+    up front; with one only the misses are: a hit proves the weight finite, since entries are only
+    written for bases computed from checked weights (a full pass over ~1.4 GB saved on SD1.5).
+    """
+    if cache_dir is None:
+        check_finite(targets)
     groups: dict[tuple, list[Target]] = {}
     for t in targets:
         w = t.base.weight
@@ -239,9 +246,13 @@ def compute_bases(targets: list[Target], method: str = "auto", svd_device: str |
     out: dict[str, Bases] = {}
     for (_, _, rank, _), members in groups.items():
         weights = [t.base.weight for t in members]
-        found = get_many(weights, rank, cache_dir,
-                         lambda missing: _batched_bases([weights[i] for i in missing], rank, method, svd_device),
-                         method=method)
+
+        def compute_missing(missing: list[int], members=members, weights=weights, rank=rank) -> list[Bases]:
+            if cache_dir is not None:
+                check_finite(members[i] for i in missing)
+            return _batched_bases([weights[i] for i in missing], rank, method, svd_device)
+
+        found = get_many(weights, rank, cache_dir, compute_missing, method=method)
         out.update((t.lora_name, b) for t, b in zip(members, found))
     return out
 
@@ -264,9 +275,10 @@ class LoraXNetwork(nn.Module):
         self.unet_loras: list[LoraXModule] = []
         self._built = False
         self._enabled = True
-        check_finite(targets)
-        if not lazy:
-            self._build()
+        if lazy:
+            check_finite(targets)  # refuse bad weights now, not when something first needs the bases
+        else:
+            self._build()  # compute_bases checks the weights it has to decompose
 
     # -- construction
 

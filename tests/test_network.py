@@ -349,3 +349,29 @@ def test_sdxl_diffusers_style_names_and_unet_only(tmp_path) -> None:
     # create_network_from_weights accepts the diffusers-style names too
     again, _ = create_network_from_weights(1.0, str(diffusers_style), None, models.text_encoders, models.unet)
     assert {m.lora_name for m in again.unet_loras} == set(want)
+
+
+def test_nan_weights_refused_with_warm_cache_and_lazily(tmp_path) -> None:
+    """A warm cache skips the finite check of hits only: a changed (NaN) weight is a miss and refused."""
+    models = _models("sd1")
+    te = models.text_encoders[0]
+    cache = tmp_path / "cache"
+    create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))
+    entries = sorted(p.name for p in cache.iterdir())
+    net = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))  # all hits
+    assert sorted(p.name for p in cache.iterdir()) == entries and net.all_loras()
+    path = tmp_path / "x.safetensors"
+    net.save_weights(path)
+    for where in ("unet", "te"):
+        broken = copy.deepcopy(models)
+        layer = (broken.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_k if where == "unet"
+                 else broken.text_encoders[0].encoder.layers[0].mlp.fc2)
+        with torch.no_grad():
+            layer.weight[1, 2] = float("inf")
+        name = "attn1_to_k" if where == "unet" else "layers_0_mlp_fc2"
+        with pytest.raises(LoraxInputError, match=f"{name} weight .* contains Inf"):
+            create_network(1.0, 4, None, None, broken.text_encoders[0], broken.unet, svd_cache_dir=str(cache))
+        with pytest.raises(LoraxInputError, match=f"{name} weight .* contains Inf"):
+            create_network_from_weights(1.0, path, None, broken.text_encoders[0], broken.unet, for_inference=True)
+        assert not any("forward" in m.__dict__ for m in broken.unet.modules())
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing cached for the bad weights
