@@ -222,12 +222,13 @@ def draw_grid(rows: list[tuple[str, list]], columns: Sequence[str], cell: int = 
     """A labelled grid: one row per (label, images), one column per prompt (headed by `columns`)."""
     from PIL import Image, ImageDraw
 
-    label_w, head_h = 260, 28
+    label_w, head_h = 260, 44
     n_cols = max(len(imgs) for _, imgs in rows)
     grid = Image.new("RGB", (label_w + n_cols * cell, head_h + len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for j, text in enumerate(columns):
-        draw.text((label_w + j * cell + 4, 8), text[:22], fill="black")
+        for k, line in enumerate(_wrap(text, cell // 6)[:3]):
+            draw.text((label_w + j * cell + 4, 4 + 12 * k), line, fill="black")
     for i, (label, imgs) in enumerate(rows):
         y = head_h + i * cell
         for k, line in enumerate(_wrap(label, 36)):
@@ -264,6 +265,8 @@ def _quiet_loaders() -> None:
 
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
+    # tiny models: one thread is several times faster than two on a shared 2-core machine
+    torch.set_num_threads(1)
 
 
 def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=print) -> dict:
@@ -309,7 +312,8 @@ def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=p
     prompts = grid_prompts(plan.grid_seen, plan.grid_unseen)
     grid_rows = [(name, sample_images(target, lora, [p for p, _ in prompts], plan.seed, plan.sample_steps,
                                       plan.guidance)) for name, lora in loras.items()]
-    heads = [("seen: " if seen else "unseen: ") + p.split(", ", 1)[-1].removeprefix("a ") for p, seen in prompts]
+    heads = [("seen: " if seen else "unseen: ") + p.split(", ", 1)[-1].removeprefix("a ").removesuffix(" background")
+             for p, seen in prompts]
     grid_path = out / "grid.png"
     img = draw_grid(grid_rows, heads)
     with atomic_write(grid_path) as tmp:
