@@ -135,8 +135,11 @@ class LoraXModule(nn.Module):
             h = F.dropout(h, p=self.dropout)
         # d stays fp32 as a parameter; cast at use so mixed precision computes in h's dtype.
         d = self.d.to(h.dtype)
+        if self.multiplier != 1.0:
+            # scale the r numbers, not the (tokens x out) result: that was two extra full passes
+            d = d * self.multiplier
         h = h * (d[:, None, None] if self.is_conv else d)
-        return y + (self._up(h, u) * self.multiplier).to(y.dtype)
+        return y + self._up(h, u).to(y.dtype)
 
     # ------------------------------------------------------------------ dense forms
 

@@ -147,3 +147,30 @@ def test_bad_bases_and_grouped_conv() -> None:
     grouped = nn.Conv2d(8, 8, 3, groups=2)
     with pytest.raises(ValueError, match="groups"):
         LoraXModule("n", grouped, _svd_bases(grouped.weight, 2))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3"])
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_grad_of_d_equals_dense_computation(kind: str, multiplier: float) -> None:
+    """d.grad from the patched forward equals the gradient of the dense W + m U diag(d) V^T form."""
+    base, x = _layers()[kind]
+    base.requires_grad_(False)
+    bases = _svd_bases(base.weight, 5)
+    mod = LoraXModule("lora_test", base, bases, multiplier=multiplier)
+    mod.apply_to()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        mod.d.normal_()
+    target = torch.randn_like(base(x))
+    F.mse_loss(base(x), target).backward()
+    # dense reference in float64: loss(W(d)) with W(d) = W + m U diag(d) V^T, autograd on d only
+    d = mod.d.detach().double().clone().requires_grad_(True)
+    w = base.weight.double()
+    dw = (bases.u.double() * d) @ bases.v.double().t()
+    w2 = w + multiplier * dw.reshape(w.shape)
+    if kind == "linear":
+        out = F.linear(x.double(), w2, base.bias.double())
+    else:
+        out = F.conv2d(x.double(), w2, base.bias.double(), base.stride, base.padding)
+    F.mse_loss(out, target.double()).backward()
+    torch.testing.assert_close(mod.d.grad.double(), d.grad, rtol=1e-4, atol=1e-7)
