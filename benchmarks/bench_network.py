@@ -7,8 +7,9 @@ the same run on the same model at the same rank, so the printed ratios are like 
                                                  [--cold-modules 0] [--threads N]
 
 --cold-modules N (default 24) times the bases (cold, then from the warm cache) on N evenly spaced
-targeted modules only, says so, and extrapolates by weight size; the training step then uses random
-orthonormal bases (its speed does not depend on their values). --cold-modules 0 times the whole
+targeted modules only, says so, and extrapolates by weight size; warm create_network of the whole
+network is then timed on a cache of stand-in bases, and the training step uses random orthonormal
+bases (neither speed depends on the bases' values). --cold-modules 0 times the whole
 network for real: about 17 minutes of cold SVD on this machine's 2 busy cores at rank 320.
 """
 
@@ -24,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd_scripts_lorax.lorax import Bases
 from sd_scripts_lorax.model_configs import build_models
 from sd_scripts_lorax.modules import LoraXModule
 from sd_scripts_lorax.network import LoraXNetwork, compute_bases, create_network, find_targets, parse_options
+from sd_scripts_lorax.svd_cache import get_many
 
 
 class PlainLora(nn.Module):
@@ -95,6 +98,35 @@ class Stepper:
                    if isinstance(v, torch.Tensor))
 
 
+def _time_warm_create(te: nn.Module, unet: nn.Module, targets: list, rank: int, repeats: int) -> list[float]:
+    """Sorted wall times of create_network on the whole network from a warm cache.
+
+    The cache is filled with stand-in bases of the right shapes (random, not SVDs), so this needs no
+    17-minute cold run: the warm path (hash, read, check, build modules) does not depend on values.
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def stand_in(weights: list[torch.Tensor]) -> list[Bases]:
+        out = []
+        for w in weights:
+            r = min(rank, w.shape[0], w[0].numel())
+            out.append(Bases(torch.randn(w.shape[0], r, generator=g), torch.rand(r, generator=g),
+                             torch.randn(w[0].numel(), r, generator=g)))
+        return out
+
+    times = []
+    with tempfile.TemporaryDirectory() as cache:
+        for t in targets:
+            w = t.base.weight
+            get_many([w], t.rank, cache, lambda missing, w=w: stand_in([w]))
+        for _ in range(repeats):
+            start = time.perf_counter()
+            network = create_network(1.0, rank, None, None, te, unet, svd_cache_dir=cache)
+            times.append(time.perf_counter() - start)
+            del network
+    return sorted(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=int, default=320)
@@ -103,6 +135,8 @@ def main() -> None:
     ap.add_argument("--cold-modules", type=int, default=24,
                     help="time the bases on this many evenly spaced modules and extrapolate (0 = all: ~17 min here)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--create-repeats", type=int, default=3,
+                    help="warm create_network timings of the whole network (median reported)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +167,7 @@ def main() -> None:
         compute_bases(timed, cache_dir=cache)  # what create_network does on a second run
         warm = time.perf_counter() - start
         if args.cold_modules:
+            warm_create = _time_warm_create(te, unet, targets, args.rank, args.create_repeats)
             network = LoraXNetwork(targets, options, lazy=True)  # bases come below, not timed
         else:
             start = time.perf_counter()
@@ -142,6 +177,8 @@ def main() -> None:
           f"(hashing + loading), warm/cold {warm / cold:.3f}")
     if args.cold_modules:
         print(f"  extrapolated by weight size to all modules: cold ~{cold / share:.0f} s, warm ~{warm / share:.0f} s")
+        print(f"create_network, warm cache, whole network ({len(targets)} modules, cache of stand-in bases): "
+              f"median {warm_create[len(warm_create) // 2]:.2f} s of {[round(t, 2) for t in warm_create]}")
         # The step time does not depend on the bases' values: random orthonormal ones are used there.
         for t in targets:
             if t.part != "unet":
