@@ -72,41 +72,47 @@ def _expected_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def _read_exactly(fh, buf: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(buf):
+        got = fh.readinto(buf[done:])
+        if not got:
+            raise ValueError(f"{path}: file ends early")
+        done += got
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a (small) safetensors file, CPU, as views into one buffer filled by one read.
+    """Every tensor of a (small) safetensors file, CPU, each read straight into its own tensor.
 
     About 5-20x faster than `safetensors.torch.load_file` on the many small cache entries here
-    (that one maps the file and faults its pages in one by one). Raises (ValueError, KeyError, ...)
-    on anything malformed or unusual; callers fall back to `load_file` for the library's verdict.
+    (that one maps the file and faults its pages in one by one). Separate tensors, not views of one
+    buffer, so that dropping `v` after use frees it. Raises (ValueError, KeyError, ...) on anything
+    malformed or unusual; callers fall back to `load_file` for the library's verdict.
     """
     path = Path(path)
-    size = path.stat().st_size
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with open(path, "rb", buffering=0) as fh:
-        done = 0
-        while done < size:
-            got = fh.readinto(view[done:])
-            if not got:
-                raise ValueError(f"{path}: file shrank while reading")
-            done += got
-    if size < 8:
-        raise ValueError(f"{path}: too short for a safetensors header")
-    n = int.from_bytes(bytes(view[:8]), "little")
-    start = 8 + n
-    if start > size:
-        raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
-    header = json.loads(bytes(view[8:start]))
     out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES[info["dtype"]]
-        shape = [int(x) for x in info["shape"]]
-        lo, hi = (int(x) for x in info["data_offsets"])
-        if not 0 <= lo <= hi <= size - start or hi - lo != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} offsets {lo}..{hi} do not fit shape {shape} / the file")
-        out[name] = buf[start + lo:start + hi].view(dtype).reshape(shape)
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = bytearray(8)
+        _read_exactly(fh, memoryview(head), path)
+        start = 8 + int.from_bytes(head, "little")
+        if start > size:
+            raise ValueError(f"{path}: header length {start - 8} exceeds the file size {size}")
+        header_bytes = bytearray(start - 8)
+        _read_exactly(fh, memoryview(header_bytes), path)
+        header = json.loads(header_bytes)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(x) for x in info["shape"]]
+            lo, hi = (int(x) for x in info["data_offsets"])
+            if not 0 <= lo <= hi <= size - start or hi - lo != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} offsets {lo}..{hi} do not fit shape {shape} / the file")
+            tensor = torch.empty(shape, dtype=dtype)
+            fh.seek(start + lo)
+            _read_exactly(fh, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), path)
+            out[name] = tensor
     return out
 
 

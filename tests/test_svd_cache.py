@@ -166,6 +166,8 @@ def test_read_tensors_equals_safetensors_reader(tmp_path):
     assert set(got) == set(ref)
     for name, t in ref.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+        # own storage each: keeping u alive must not keep v's bytes alive
+        assert got[name].untyped_storage().nbytes() == t.numel() * t.element_size(), name
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(ValueError):
         svd_cache.read_tensors(path)
