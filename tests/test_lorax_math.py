@@ -323,3 +323,23 @@ def test_module_similarity_dense():
     expect_v = float((b.v.double().T @ b2.v.double()).norm() ** 2 / 10)
     assert abs(s2.phi_u - expect_u) < 1e-9 and abs(s2.phi_v - expect_v) < 1e-9
     assert s2.phi == min(s2.phi_u, s2.phi_v) and abs(s2.phi - min(expect_u, expect_v)) < 1e-9 and s2.phi < 1.0
+
+
+def test_serial_lapack_restores_threads_and_keeps_results():
+    from sd_scripts_lorax.lorax.bases import serial_lapack
+
+    w = decaying(96, 80, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        b = top_bases(w, 8, "gram")
+        assert torch.get_num_threads() == 2  # restored after the eigh/QR ran on one thread
+        with pytest.raises(RuntimeError):
+            with serial_lapack(w):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2  # restored on errors too
+    finally:
+        torch.set_num_threads(before)
+    u, s, v = dense_reference(w, 8)
+    assert proj_err(b.u, u) < 1e-4 and proj_err(b.v, v) < 1e-4
