@@ -123,7 +123,7 @@ def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
     try:
         try:
             tensors = read_tensors(path)
-        except Exception:  # anything the one-read path does not handle: the library reader decides
+        except Exception:  # anything the fast reader does not handle: the library reader decides
             tensors = load_file(str(path))
         bases = Bases(tensors["u"], tensors["s"], tensors["v"])
     except Exception as exc:  # corrupt/truncated entry: any failure means "recompute"
