@@ -69,20 +69,58 @@ def _load_folder(folder: Path) -> tuple[Any, list, list, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    # Always fp32: training keeps fp32 masters (mixed precision casts later), and an fp16 folder would
+    # otherwise come back half in fp16 (transformers keeps the saved dtype) and half in fp32 (diffusers).
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
     tes, toks = [], []
     for sub, tok_sub, cls in (("text_encoder", "tokenizer", CLIPTextModel),
                               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
         if (folder / sub).is_dir():
-            tes.append(cls.from_pretrained(folder, subfolder=sub))
+            tes.append(cls.from_pretrained(folder, subfolder=sub, dtype=torch.float32))
             if not (folder / tok_sub).is_dir():
                 raise LoraxInputError(f"{folder}: {tok_sub}/ missing (tokenizers are read from the model folder)")
             toks.append(CLIPTokenizer.from_pretrained(folder, subfolder=tok_sub))
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
     return unet, tes, toks, vae
 
 
-def _load_single_file(path: Path) -> tuple[str, Any, list, list, Any]:
+# The tokenizers kohya uses for single-file checkpoints (facts: hub ids, subfolders, SDXL TE2's "!" pad).
+TOKENIZER_IDS = {
+    "sd1": [("openai/clip-vit-large-patch14", None, None)],
+    "sd2": [("stabilityai/stable-diffusion-2", "tokenizer", None)],
+    "sdxl": [("openai/clip-vit-large-patch14", None, None), ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None, "!")],
+}
+
+
+def full_size_tokenizers(family: str, cache_dir: str | None) -> list:
+    """Real CLIP tokenizers for a full-size single file, from kohya's --tokenizer_cache_dir layout
+    (`<dir>/<hub id with / -> _>/`) or the local Hugging Face cache (never downloaded: training must not
+    stall on a hub request); a clear error when neither has them."""
+    from transformers import CLIPTokenizer
+
+    toks = []
+    for hub_id, sub, pad in TOKENIZER_IDS[family]:
+        local = Path(cache_dir) / hub_id.replace("/", "_") if cache_dir else None
+        try:
+            if local is not None and local.is_dir():
+                tok = CLIPTokenizer.from_pretrained(local)
+            else:
+                tok = CLIPTokenizer.from_pretrained(hub_id, subfolder=sub, local_files_only=True)
+            if len(tok.get_vocab()) <= 2:  # transformers 5 builds an empty tokenizer when the files are missing
+                raise OSError("no vocabulary files")
+        except (OSError, ValueError) as exc:
+            where = f"{local} or " if local is not None else ""
+            raise LoraxInputError(
+                f"CLIP tokenizer {hub_id} for a {family} single file not found in {where}the Hugging Face cache "
+                f"({type(exc).__name__}); save it once with CLIPTokenizer.save_pretrained into "
+                f"--tokenizer_cache_dir/{hub_id.replace('/', '_')} or pass the model as a diffusers folder") from None
+        if pad is not None:
+            tok.pad_token = pad
+        toks.append(tok)
+    return toks
+
+
+def _load_single_file(path: Path, tokenizer_cache_dir: str | None = None) -> tuple[str, Any, list, list, Any]:
     """An LDM/SAI single file: family from the keys, architecture from model_configs (tiny for the
     project's own fixtures, full size otherwise), weights through ldm_convert's plans."""
     import tempfile
@@ -99,9 +137,7 @@ def _load_single_file(path: Path) -> tuple[str, Any, list, list, Any]:
         size = "full"
         if path.suffix == ".safetensors" and "lorax.fixture" in read_safetensors_header(path).metadata:
             size = json.loads(read_safetensors_header(path).metadata["lorax.fixture"]).get("size", "full")
-        if size == "full":
-            raise LoraxInputError(f"{path}: full-size single-file {family} checkpoints need the real CLIP "
-                                  "tokenizer, which is never downloaded; pass the model as a diffusers folder")
+        full_toks = full_size_tokenizers(family, tokenizer_cache_dir) if size == "full" else None
         models = build_models(family, size)
         parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoders[0]}
         if family == "sdxl":
@@ -119,10 +155,11 @@ def _load_single_file(path: Path) -> tuple[str, Any, list, list, Any]:
         if missing or unexpected:
             raise LoraxInputError(f"{path}: {component} does not match the {family} {size} layout "
                                   f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
-    toks = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(len(models.text_encoders)):
-            toks.append(CLIPTokenizer.from_pretrained(write_tokenizer(Path(tmp) / f"tok{i}")))
+    toks = full_toks or []
+    if full_toks is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(len(models.text_encoders)):
+                toks.append(CLIPTokenizer.from_pretrained(write_tokenizer(Path(tmp) / f"tok{i}")))
     return family, models.unet, models.text_encoders, toks, models.vae
 
 
@@ -131,11 +168,12 @@ def load_vae(path: Path) -> Any:
 
     if path.is_dir():
         sub = "vae" if (path / "vae").is_dir() else None
-        return AutoencoderKL.from_pretrained(path, subfolder=sub)
+        return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=torch.float32)
     raise LoraxInputError(f"{path}: --vae must be a diffusers folder (single-file VAEs are not supported)")
 
 
-def load_models(path: str, vae: str | None = None, v2: bool = False, sdxl: bool = False) -> TrainModels:
+def load_models(path: str, vae: str | None = None, v2: bool = False, sdxl: bool = False,
+                tokenizer_cache_dir: str | None = None) -> TrainModels:
     """Load UNet, text encoder(s), tokenizer(s) and VAE in fp32 on CPU, all frozen."""
     p = Path(path)
     if not p.exists():
@@ -144,7 +182,7 @@ def load_models(path: str, vae: str | None = None, v2: bool = False, sdxl: bool 
         family = detect_family_of_folder(p)
         unet, tes, toks, vae_model = _load_folder(p)
     else:
-        family, unet, tes, toks, vae_model = _load_single_file(p)
+        family, unet, tes, toks, vae_model = _load_single_file(p, tokenizer_cache_dir)
     _check_flags(family, p, v2, sdxl)
     expected = 2 if family == "sdxl" else 1
     if len(tes) != expected:

@@ -107,7 +107,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     accelerator = make_accelerator(args["device"], args["mixed_precision"], args["gradient_accumulation_steps"],
                                    args.get("logging_dir"), args.get("log_with"))
     with accelerator.main_process_first():
-        models = load_models(args["pretrained_model_name_or_path"], args.get("vae"), args["v2"], args["sdxl"])
+        models = load_models(args["pretrained_model_name_or_path"], args.get("vae"), args["v2"], args["sdxl"],
+                             args.get("tokenizer_cache_dir"))
     v_param = bool(args["v_parameterization"])
     reso_default = default_resolution(models.family, v_param)
     if args.get("dataset_config"):
