@@ -6,7 +6,10 @@ checkpoints. Per module:
 - identical stored weights (``torch.equal``) -> the adapter is copied as is, no SVD (reason "identical");
 - otherwise source bases (for the similarity) and target bases (for the projection) at the module's
   rank; several input LoRAs share one target SVD per module, taken at the largest rank any of them
-  needs and sliced (the top-r of a top-R SVD are its first r columns);
+  needs and sliced (the top-r of a top-R SVD are its first r columns). A LoRA-X input trained on this
+  source already holds the source's V (its `down`): the source bases come from it by one Rayleigh-Ritz
+  step, checked to be the top invariant subspace (`bases_from_claimed_v`), with no source SVD; they
+  serve only phi, and the SVD runs whenever the check fails (plain LoRAs, files of other bases);
 - phi = min(phi_U, phi_V) >= threshold -> ``up = U_t C``, ``down = V_t^T``, ``alpha = r`` with
   ``C = (U_t^T up_s)(down_s V_t)``: the output is itself a LoRA-X adapter of the target.
 
@@ -32,6 +35,7 @@ from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
+from .lorax.bases import bases_from_claimed_v
 from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
                               TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
                               split_block, write_json)
@@ -46,6 +50,9 @@ MATCH_MODES = ("name", "similarity")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                    "bf16": torch.bfloat16}
+
+# SVD-cache method tag of source bases taken from a LoRA-X file (see _BasesProvider.source)
+CLAIMED_METHOD = "lorax-file-v1"
 
 __all__ = ["transfer", "TransferReport", "ModuleResult", "MATCH_MODES", "PRECISIONS", "SAVE_PRECISIONS"]
 
@@ -215,6 +222,37 @@ class _BasesProvider:
         # the cache keys on the stored bytes, so it gets the CPU tensor; results move afterwards
         return svd_cache.get_or_compute(w, rank, self.cache_dir, compute).to(self.device)
 
+    def source(self, w: torch.Tensor, rank: int, claimed_v: torch.Tensor | None) -> Bases:
+        """Source bases for the similarity: from a LoRA-X file's own `down` when it passes the checks
+        of `bases_from_claimed_v` (no SVD of the source), else as `__call__`. Cached under their own
+        method tag, so they never stand in for exact bases elsewhere."""
+        if claimed_v is None:
+            return self(w, rank)
+        from . import svd_cache
+
+        def compute() -> Bases:
+            b = bases_from_claimed_v(w.to(self.device), claimed_v.to(self.device))
+            if b is None:
+                self.computed += 1
+                b = top_bases(w.to(self.device), rank)
+            return b
+
+        return svd_cache.get_or_compute(w, rank, self.cache_dir, compute, method=CLAIMED_METHOD).to(self.device)
+
+
+def _claimed_v(users: Sequence["_Job"], name: str, rank: int) -> torch.Tensor | None:
+    """V of the first LoRA-X input whose module `name` has the full `rank` (down = V^T), else None.
+
+    None as soon as a plain LoRA uses the module: its report needs exact source bases (energy share).
+    """
+    if any(j.plain for j in users):
+        return None
+    for j in users:
+        mod = j.lora.modules[name]
+        if not j.plain and int(mod.down.shape[0]) == rank:
+            return mod.down.reshape(rank, -1).T
+    return None
+
 
 def _delta_norm(up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
     """||scale * up @ down||_F from the factors: sqrt(trace((up^T up)(down down^T)))."""
@@ -326,7 +364,7 @@ def _run_name_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", base
                 _copy_identical(j, name, shape)
             continue
         rank = max(_module_rank(j.lora.modules[name], shape) for j in users)
-        bs, bt = bases(w_s, rank), bases(w_t, rank)
+        bs, bt = bases.source(w_s, rank, _claimed_v(users, name, rank)), bases(w_t, rank)
         del w_s, w_t
         for j in users:
             _project(j, name, name, shape, bs, bt, threshold, dtype, device)
@@ -360,7 +398,7 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
         if n not in src_bases:
             w = _weight(src, s_refs[n])
             r = max(_module_rank(j.lora.modules[n], s_refs[n].shape) for j in jobs if n in j.lora.modules)
-            src_bases[n] = bases(w, r)
+            src_bases[n] = bases.source(w, r, _claimed_v([j for j in jobs if n in j.lora.modules], n, r))
         return src_bases[n]
 
     paired: dict[int, set[str]] = {id(j): set() for j in jobs}

@@ -343,3 +343,56 @@ def test_serial_lapack_restores_threads_and_keeps_results():
         torch.set_num_threads(before)
     u, s, v = dense_reference(w, 8)
     assert proj_err(b.u, u) < 1e-4 and proj_err(b.v, v) < 1e-4
+
+
+# ---------------------------------------------------------------- bases from a claimed subspace (LoRA-X down)
+
+
+def test_claimed_top_subspace_is_accepted_at_storage_precision():
+    from sd_scripts_lorax.lorax.bases import bases_from_claimed_v
+
+    for shape, dtype in (((96, 80), torch.float16), ((40, 16, 3, 3), torch.bfloat16), ((64, 160), torch.float32)):
+        out, n = shape[0], math.prod(shape[1:])
+        w = decaying(out, n, seed=7).reshape(shape)
+        r = 10
+        u, s, v = dense_reference(w, r)
+        stored_v = v.to(dtype).float()  # what a LoRA-X file holds (down = V^T), rounded
+        b = bases_from_claimed_v(w, stored_v)
+        assert b is not None, (shape, dtype)
+        assert b.u.shape == (out, r) and b.v.shape == (n, r) and b.s.shape == (r,)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert proj_err(b.u, u) < tol and proj_err(b.v, v) < tol
+        assert float((b.s.double() - s).abs().max() / s[0]) < tol
+        # phi against another subspace agrees with the one from exact bases
+        other = top_bases(decaying(out, n, seed=8).reshape(shape) * 0.2 + w, r)
+        want = module_similarity(Bases(u.float(), s.float(), v.float()), other).phi
+        assert abs(module_similarity(b, other).phi - want) < (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+def test_claimed_subspace_checks_refuse_wrong_claims():
+    from sd_scripts_lorax.lorax.bases import bases_from_claimed_v
+
+    w = decaying(96, 80, seed=9)
+    u, s, v = torch.linalg.svd(w.double(), full_matrices=False)
+    r = 8
+    g = torch.Generator().manual_seed(0)
+    # an invariant subspace, but not the top one: only the deflated probe can tell
+    assert bases_from_claimed_v(w, vh_rows(v, slice(r, 2 * r))) is None
+    # one top direction swapped for the (r+1)-th: invariant, energy slightly short
+    idx = list(range(r - 1)) + [r]
+    assert bases_from_claimed_v(w, vh_rows(v, idx)) is None
+    # a random orthonormal down (a plain LoRA), and a non-orthonormal one
+    assert bases_from_claimed_v(w, torch.linalg.qr(torch.randn(80, r, generator=g))[0]) is None
+    assert bases_from_claimed_v(w, vh_rows(v, slice(0, r)) * 1.5) is None
+    # the top subspace of a drifted weight (a file trained on another checkpoint)
+    drifted = w + 0.05 * w.norm() * decaying(96, 80, seed=10) / decaying(96, 80, seed=10).norm()
+    assert bases_from_claimed_v(w, dense_reference(drifted, r)[2].float()) is None
+    # shapes that do not fit, and full rank (nothing to claim)
+    assert bases_from_claimed_v(w, torch.zeros(81, r)) is None
+    assert bases_from_claimed_v(w, vh_rows(v, slice(0, 80))) is None
+    assert bases_from_claimed_v(w, vh_rows(v, slice(0, r))) is not None
+
+
+def vh_rows(vh: torch.Tensor, idx) -> torch.Tensor:
+    """Rows `idx` of V^T as an (n, k) float32 V."""
+    return vh[idx].T.float().contiguous()

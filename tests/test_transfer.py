@@ -474,3 +474,28 @@ def test_bad_options_are_refused_before_any_work(tmp_path, tiny_sd1_single):
     with pytest.raises(LoraxInputError, match="no_such_folder"):
         transfer(*args, tmp_path / "no_such_folder", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_lorax_input_gives_source_bases_without_source_svd(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    from sd_scripts_lorax import svd_cache
+    from sd_scripts_lorax.lorax import module_similarity
+    from sd_scripts_lorax.transfer import CLAIMED_METHOD
+
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", rank=4, parts=("unet",))
+    cache = tmp_path / "cache"
+    (rep,) = transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, None, dry_run=True, threshold=0.0,
+                      svd_cache_dir=cache, progress=False)
+    claimed = 0
+    with Checkpoint.open(tiny_sd1_single) as s, Checkpoint.open(tiny_sd1_single_derived) as t:
+        for m in rep.modules:
+            if m.reason != TRANSFERRED:
+                continue
+            w_s, w_t = s.weight(s.modules()[m.name]), t.weight(t.modules()[m.name])
+            entry = cache / f"{svd_cache.cache_key(w_s, m.rank, CLAIMED_METHOD)}.safetensors"
+            assert entry.is_file(), m.name
+            want = module_similarity(top_bases(w_s, m.rank, "exact"), top_bases(w_t, m.rank, "exact"))
+            assert m.phi == pytest.approx(want.phi, abs=1e-4), m.name
+            cached = svd_cache.get_or_compute(w_s, m.rank, cache, lambda: None, method=CLAIMED_METHOD)
+            exact = top_bases(w_s, m.rank, "exact")
+            claimed += int(float((cached.u @ cached.u.T - exact.u @ exact.u.T).norm()) < 1e-4)
+    assert claimed > 50  # most tiny modules have a gap at r=4, and their bases came from the file

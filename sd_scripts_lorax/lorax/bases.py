@@ -224,3 +224,67 @@ def _fix_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     sign = torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
     return u * sign, v * sign.to(v.dtype)
 
+
+
+# A LoRA-X file stores V^T in fp16/bf16/fp32: its rounding (residual ~2e-4 fp16, ~1.5e-3 bf16) must pass;
+# a claim further off (another checkpoint's subspace, residual 1.5e-2 at 5% full-rank drift) must not.
+CLAIMED_RESIDUAL_TOL = 3e-3
+_PROBE_COLUMNS = 8
+_PROBE_ITERS = 3
+
+
+def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
+    """Top-r bases of `w` from a claimed top-r right subspace (a LoRA-X `down`, transposed), or None.
+
+    No SVD of `w`: a Rayleigh-Ritz step on span(v_claimed) (two products with r columns and an r x r
+    eigh). Accepted only if (1) v_claimed is orthonormal to `CLAIMED_RESIDUAL_TOL`, (2) the span is
+    invariant under W^T W to that tolerance (||W^T W V - V L||_F <= tol ||L||_F), and (3) a
+    fixed-seed random probe deflated against it (block power steps, then Rayleigh-Ritz) finds no direction with more
+    energy than the smallest Ritz value, i.e. it is the TOP invariant subspace. The result is as
+    accurate as the claim (about the storage rounding of `down`): good for similarities phi, not a
+    replacement for `top_bases` where a projection needs 1e-4 (the transfer uses it only for phi).
+    """
+    if w.dim() not in (2, 4) or v_claimed.dim() != 2:
+        return None
+    w64 = w.reshape(w.shape[0], -1).to(torch.float64)
+    out, n = w64.shape
+    r = v_claimed.shape[1]
+    if v_claimed.shape[0] != n or not 0 < r < min(out, n):
+        return None
+    v = v_claimed.to(device=w64.device, dtype=torch.float64)
+    if not bool(torch.isfinite(v).all()) or not bool(torch.isfinite(w64).all()):
+        return None
+    eye = torch.eye(r, dtype=torch.float64, device=v.device)
+    if float((v.T @ v - eye).abs().max()) > CLAIMED_RESIDUAL_TOL:
+        return None
+    with serial_lapack(v):
+        v = torch.linalg.qr(v)[0]
+    y = w64 @ v                      # (out, r)
+    z = w64.T @ y                    # (n, r) = W^T W V
+    with serial_lapack(v):
+        lam, c = torch.linalg.eigh(y.T @ y)   # ascending Ritz values of W^T W on span(V)
+    lam, c = lam.flip(-1), c.flip(-1)
+    if float(lam[-1]) <= 1e-12 * max(float(lam[0]), 1e-300):
+        return None                  # (nearly) rank-deficient on the span: let top_bases decide
+    vr = v @ c
+    resid = z @ c - vr * lam
+    if float(torch.linalg.norm(resid)) > CLAIMED_RESIDUAL_TOL * float(torch.linalg.norm(lam)):
+        return None
+    probe = _test_matrix(1, n, _PROBE_COLUMNS, w64.device)[0].to(torch.float64)
+    for _ in range(_PROBE_ITERS):
+        probe = probe - vr @ (vr.T @ probe)
+        with serial_lapack(probe):
+            probe = torch.linalg.qr(probe)[0]
+        probe = w64.T @ (w64 @ probe)
+    probe = probe - vr @ (vr.T @ probe)
+    with serial_lapack(probe):
+        probe = torch.linalg.qr(probe)[0]
+        wp = w64 @ probe
+        # block Rayleigh-Ritz: a lower bound of the largest eigenvalue of W^T W outside the span
+        top_rest = float(torch.linalg.eigvalsh(wp.T @ wp)[-1])
+    if top_rest > float(lam[-1]):
+        return None                  # some direction outside the span beats the claimed r-th one
+    s = lam.sqrt()
+    u = (y @ c) / s
+    u, vr = _fix_signs(u, vr)
+    return Bases(u.to(torch.float32).contiguous(), s.to(torch.float32).contiguous(), vr.to(torch.float32).contiguous())
