@@ -192,10 +192,10 @@ class Checkpoint:
 
     def weight(self, ref: "ModuleRef") -> "torch.Tensor":
         """A module's weight (row-sliced for fused in_proj), stored dtype; refuses NaN/Inf."""
-        import torch
+        from .finite import all_finite
 
         t = self.tensor(ref.key, ref.rows)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise LoraxInputError(
                 f"{self.path}: module {ref.lora_name}: weight {ref.key} {list(t.shape)} contains NaN/Inf")
         return t

@@ -153,6 +153,13 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if not path.is_file():
         raise LoraxInputError(f"{path}: not a file")
     tensors, metadata = _load_tensors(path)
+    return LoraFile(modules_from_tensors(tensors, path), metadata, path)
+
+
+def modules_from_tensors(tensors: Mapping[str, torch.Tensor], origin: str | Path) -> dict[str, LoraModule]:
+    """Group kohya keys (a file's tensors, or a state dict as kohya passes `weights_sd`) into validated
+    LoraModules; `origin` names the file (or the caller) in errors."""
+    path = Path(origin)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key in sorted(tensors):
@@ -167,8 +174,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         raise _unknown_key_error(path, unknown)
     if not grouped:
         raise LoraxInputError(f"{path}: holds no LoRA tensors")
-    modules = {name: _module_from_tensors(path, name, parts) for name, parts in grouped.items()}
-    return LoraFile(modules, metadata, path)
+    return {name: _module_from_tensors(path, name, parts) for name, parts in grouped.items()}
 
 
 # ---------------------------------------------------------------- writing

@@ -94,7 +94,11 @@ def parse_options(network_dim: Any, network_alpha: Any, neuron_dropout: Any,
     from .lorax import METHODS
     if method not in METHODS:
         raise LoraxInputError(f"network argument svd_method={method!r}: expected one of {', '.join(METHODS)}")
-    unknown = sorted(k for k in kwargs if k not in KNOWN_ARGS)
+    # kohya's trainer injects `dropout` (its --network_dropout, usually None) beside neuron_dropout:
+    # the same option, so it is read, not warned about.
+    if neuron_dropout is None and kwargs.get("dropout") not in (None, "", "None"):
+        neuron_dropout = kwargs["dropout"]
+    unknown = sorted(k for k in kwargs if k not in KNOWN_ARGS and k != "dropout")
     if unknown:
         logger.warning("networks.lora_x: ignoring network arguments it does not use: %s", ", ".join(unknown))
     cache = kwargs.get("svd_cache_dir")
@@ -533,18 +537,7 @@ def state_dict_of(modules: Iterable[Any]) -> dict[str, torch.Tensor]:
 def modules_from_state_dict(weights_sd: Mapping[str, torch.Tensor], origin: str) -> dict[str, Any]:
     """Group a kohya state dict (`weights_sd` as kohya passes it) into LoraModules, validated by lora_file."""
     from . import lora_file
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in weights_sd.items():
-        for suffix in lora_file.SUFFIXES:
-            if key.endswith("." + suffix):
-                grouped.setdefault(key[:-len(suffix) - 1], {})[suffix] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise LoraxInputError(f"{origin}: {len(unknown)} key(s) are not kohya LoRA keys, e.g. {', '.join(unknown[:3])}")
-    return {name: lora_file._module_from_tensors(Path(origin), name, parts) for name, parts in grouped.items()}
+    return lora_file.modules_from_tensors(weights_sd, origin)
 
 
 # ---------------------------------------------------------------------------- kohya entry points

@@ -188,15 +188,6 @@ def check_checkpoints(src: "Checkpoint", tgt: "Checkpoint", names: Iterable[str]
 # ---------------------------------------------------------------- bases
 
 
-def _weight(ckpt: "Checkpoint", ref: "ModuleRef") -> torch.Tensor:
-    """ckpt.weight(ref) with the one-pass finite test (isfinite().all() cost ~1 s of a ~2 s warm run)."""
-    t = ckpt.tensor(ref.key, ref.rows)
-    if not all_finite(t):
-        raise LoraxInputError(f"{ckpt.path}: module {ref.lora_name}: weight {ref.key} {list(t.shape)} "
-                              f"contains NaN/Inf")
-    return t
-
-
 
 def slice_bases(b: Bases, r: int) -> Bases:
     """The top-r triplets of a top-R result (R >= r)."""
@@ -357,7 +348,7 @@ def _run_name_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", base
             for j in users:
                 _drop(j, name, t_ref.shape, SHAPE_MISMATCH)
             continue
-        w_s, w_t = _weight(src, s_ref), _weight(tgt, t_ref)
+        w_s, w_t = src.weight(s_ref), tgt.weight(t_ref)
         shape = tuple(s_ref.shape)
         if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
             for j in users:
@@ -396,7 +387,7 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
 
     def source_bases(n: str) -> Bases:
         if n not in src_bases:
-            w = _weight(src, s_refs[n])
+            w = src.weight(s_refs[n])
             r = max(_module_rank(j.lora.modules[n], s_refs[n].shape) for j in jobs if n in j.lora.modules)
             src_bases[n] = bases.source(w, r, _claimed_v([j for j in jobs if n in j.lora.modules], n, r))
         return src_bases[n]
@@ -406,9 +397,9 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
         t_ref = t_refs[t_name]
         shape = tuple(t_ref.shape)
         cands = by_kind[kind(t_name, shape)]
-        w_t = _weight(tgt, t_ref)
+        w_t = tgt.weight(t_ref)
         if t_name in cands:
-            w_s = _weight(src, s_refs[t_name])
+            w_s = src.weight(s_refs[t_name])
             if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
                 for j in jobs:
                     if t_name in j.lora.modules:

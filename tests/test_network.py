@@ -375,3 +375,16 @@ def test_nan_weights_refused_with_warm_cache_and_lazily(tmp_path) -> None:
             create_network_from_weights(1.0, path, None, broken.text_encoders[0], broken.unet, for_inference=True)
         assert not any("forward" in m.__dict__ for m in broken.unet.modules())
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing cached for the bad weights
+
+
+def test_kohya_injected_dropout_is_read_not_warned(caplog):
+    from sd_scripts_lorax.network import parse_options
+
+    with caplog.at_level(logging.WARNING):
+        assert parse_options(8, None, None, {"dropout": None}).dropout is None
+        assert parse_options(8, None, None, {"dropout": "0.1"}).dropout == pytest.approx(0.1)
+        assert parse_options(8, None, "0.2", {"dropout": "0.1"}).dropout == pytest.approx(0.2)
+    assert "ignoring" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        parse_options(8, None, None, {"dropout": None, "rank_dropout": "0.1"})
+    assert "rank_dropout" in caplog.text
