@@ -8,7 +8,6 @@ closest multi-process CPU setup is `torchrun --nproc_per_node 2 train_network_lo
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,21 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_two_processes_train_and_main_saves(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
@@ -27,14 +41,18 @@ def test_two_processes_train_and_main_saves(tmp_path):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29561", str(REPO / "train_network_lorax.py"),
            "--config_file", str(REPO / "configs/tiny_lorax.toml"), "--output_dir", str(tmp_path),
            "--max_train_steps", "2", "--progress", "off"]
-    # own session: on a timeout the whole process group (torchrun and both ranks) is ended
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        # torchrun's workers live in process groups of their own and hold our pipes open: end the
+        # whole tree, then read what is left without waiting on a pipe forever
+        _kill_tree(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(no output: the pipes stayed open)"
         pytest.fail(f"torchrun timed out:\n{err[-2000:]}")
     assert proc.returncode == 0, err[-2000:]
     saved = [l for l in out.splitlines() if l.startswith("saved ")]

@@ -5,6 +5,7 @@ This is the only place that reads the flat config dict; everything below it gets
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from pathlib import Path
@@ -223,8 +224,14 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Free the DDP wrapper (its Reducer holds the gloo group) while every rank is still here:
+            # released after a peer has exited, the group's destructor waits on it forever.
             accelerator.wait_for_everyone()
-            torch.distributed.destroy_process_group()  # else gloo ranks can hang at interpreter exit
+            accelerator.free_memory()
+            network = optimizer = lr_scheduler = None
+            gc.collect()
+            accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
     result["family"] = models.family
     return result
 
