@@ -5,7 +5,6 @@ This is the only place that reads the flat config dict; everything below it gets
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 from pathlib import Path
@@ -165,7 +164,10 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
         with accelerator.main_process_first():
             cache_latents(models, data, args["cache_latents_to_disk"], seed, device, weight_dtype)
 
-    network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    # No DDP wrapper for the network: kohya-style training never calls its forward, so DDP could never
+    # sync; the loop all-reduces gradients by hand. Registered all the same, for save_state/load_state.
+    network = accelerator.prepare_model(network, evaluation_mode=True)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     net = accelerator.unwrap_model(network)
     net.prepare_grad_etc(models.network_text_encoder, models.unet)
 
@@ -224,14 +226,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Free the DDP wrapper (its Reducer holds the gloo group) while every rank is still here:
-            # released after a peer has exited, the group's destructor waits on it forever.
             accelerator.wait_for_everyone()
-            accelerator.free_memory()
-            network = optimizer = lr_scheduler = None
-            gc.collect()
-            accelerator.wait_for_everyone()
-            torch.distributed.destroy_process_group()
+            torch.distributed.destroy_process_group()  # else gloo ranks can hang at interpreter exit
     result["family"] = models.family
     return result
 
