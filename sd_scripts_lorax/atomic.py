@@ -28,7 +28,9 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto `path` only if the body succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    # The temporary name ends with the final extension, so writers that pick a format from it
+    # (network.save_weights: .safetensors or torch.save; matplotlib: .png) write the right one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..errors import LoraxInputError
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -29,14 +28,8 @@ def save_weights_atomic(network: torch.nn.Module, path: Path, dtype: torch.dtype
                         metadata: dict[str, str]) -> Path:
     """network.save_weights into a temporary file with the same extension, then rename: a crash
     (or Ctrl-C) never leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        network.save_weights(tmp, dtype, metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        network.save_weights(str(tmp), dtype, metadata)
     return path
 
 
