@@ -282,6 +282,21 @@ _ARCHITECTURE = {("sd1", False): "stable-diffusion-v1/lora", ("sd1", True): "sta
 _IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
+def base_model_version(family: str, v_parameterization: bool = False) -> str:
+    """kohya's ss_base_model_version: sd_v1, sd_v1_v, sd_v2, sd_v2_v, sdxl_base_v1-0."""
+    return _BASE_VERSION[(family, bool(v_parameterization))]
+
+
+def modelspec_architecture(family: str, v_parameterization: bool = False) -> str:
+    """modelspec.architecture of a LoRA for this base (SD2 v-prediction is the 768-v model)."""
+    return _ARCHITECTURE[(family, bool(v_parameterization))]
+
+
+def modelspec_implementation(family: str) -> str:
+    """modelspec.implementation as kohya writes it for LoRAs: diffusers (SD1/2) or SAI's repo (SDXL)."""
+    return _IMPLEMENTATION[family]
+
+
 def _one_or_dynamic(values: Sequence[str]) -> str:
     return values[0] if len(set(values)) == 1 else "Dynamic"
 
@@ -303,14 +318,14 @@ def minimum_kohya_metadata(family: str, network_module: str, dims: Iterable[int]
     v = bool(v_parameterization)
     return {
         "ss_v2": str(family == "sd2"),
-        "ss_base_model_version": _BASE_VERSION[(family, v)],
+        "ss_base_model_version": base_model_version(family, v),
         "ss_network_module": network_module,
         "ss_network_dim": _one_or_dynamic(dim_s),
         "ss_network_alpha": _one_or_dynamic(alpha_s),
         "ss_v_parameterization": str(v),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _ARCHITECTURE[(family, v)],
-        "modelspec.implementation": _IMPLEMENTATION[family],
+        "modelspec.architecture": modelspec_architecture(family, v),
+        "modelspec.implementation": modelspec_implementation(family),
         "modelspec.title": title,
         "modelspec.date": date or datetime.datetime.now().replace(microsecond=0).isoformat(),
     }

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+from ..lora_file import base_model_version, modelspec_architecture, modelspec_implementation
+
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
 
@@ -42,7 +41,7 @@ def _git_commit() -> str:
 def base_metadata(args: Mapping[str, Any], family: str, run: Mapping[str, Any]) -> dict[str, str]:
     """Everything known before training; `run` holds counts and derived values (steps, images, ...)."""
     v_param = bool(args.get("v_parameterization"))
-    base_version = BASE_MODEL_VERSION[family] + ("_v" if v_param and family != "sdxl" else "")
+    base_version = base_model_version(family, v_param)
     model_path = Path(args["pretrained_model_name_or_path"])
     md: dict[str, Any] = {
         "ss_session_id": random.randint(0, 2**32),
@@ -104,15 +103,11 @@ def base_metadata(args: Mapping[str, Any], family: str, run: Mapping[str, Any]) 
 def modelspec(args: Mapping[str, Any], family: str, resolution: tuple[int, int]) -> dict[str, str]:
     """The modelspec.* keys kohya writes for a LoRA."""
     v_param = bool(args.get("v_parameterization"))
-    arch = ARCHITECTURE[family]
-    if family == "sd2" and v_param:
-        arch = "stable-diffusion-v2-768-v/lora"
     title = args.get("output_name") or f"LoRA@{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
     md = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": arch,
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family == "sdxl"
-                                     else "diffusers"),
+        "modelspec.architecture": modelspec_architecture(family, v_param),
+        "modelspec.implementation": modelspec_implementation(family),
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
