@@ -66,7 +66,7 @@ def test_bases_match_dense_svd(shape, method):
 @pytest.mark.parametrize("shape", [(320, 320), (256, 1024), (1024, 256)])
 def test_gram_tolerance_on_realistic_spectra(shape):
     w = decaying(*shape, seed=2)
-    for r in (32, min(shape)):
+    for r in (32, min(shape) // 2, min(shape)):  # partial MRRR (r <= m/4), full syevd above
         b = top_bases(w, r, "gram")
         u, s, v = dense_reference(w, r)
         if r < min(shape):
@@ -343,6 +343,34 @@ def test_serial_lapack_restores_threads_and_keeps_results():
         torch.set_num_threads(before)
     u, s, v = dense_reference(w, 8)
     assert proj_err(b.u, u) < 1e-4 and proj_err(b.v, v) < 1e-4
+
+
+def test_bases_from_worker_threads_equal_serial_and_blas_limit_is_restored():
+    """Callers compute several weights side by side (one torch thread each): same bits as one by one,
+    and scipy's BLAS gets its own thread count back when the last worker leaves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    from sd_scripts_lorax.lorax.bases import serial_blas
+
+    ws = [decaying(160, 120 + 8 * i, seed=10 + i) for i in range(6)]
+    serial = [top_bases(w, 12, "gram") for w in ws]
+    before = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            side_by_side = list(pool.map(lambda w: top_bases(w, 12, "gram"), ws))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, side_by_side):
+        assert torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.v, b.v)
+    with serial_blas():
+        inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        assert set(inside.values()) <= {1}
+    after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert after == before
 
 
 # ---------------------------------------------------------------- bases from a claimed subspace (LoRA-X down)
