@@ -1,10 +1,10 @@
 """Benchmark of the training-free transfer on full-size SD1.5-architecture checkpoints.
 
 Two fp16 single files (random weights with decaying spectra; the target derived from the source, a
-fine-tune-like drift, text encoder bit-identical as in most fine-tunes), a LoRA-X adapter over the
-192 UNet attention + 72 text-encoder modules, and per rank (32 and 320):
+fine-tune-like drift, text encoder bit-identical as in most fine-tunes), a LoRA-X adapter over all
+264 adapted modules (192 UNet attention + 72 text encoder), and per rank (32 and 320):
 
-- cold: a transfer with an empty SVD cache;
+- cold: a transfer with an empty SVD cache (includes hashing both models for the output metadata);
 - warm: the same transfer again with the cache filled;
 against
 - (a) reference: full torch.linalg.svd in float32 of every adapted module of both models;
@@ -12,20 +12,30 @@ against
 
 Targets: cold <= 1/5 of the reference; warm <= 3x the read time.
 
-    python benchmarks/bench_transfer.py [--modules N] [--ranks 32 320] [--work_dir DIR]
+Read, cold and warm are each measured twice: "hot" (the files are in the OS page cache) and "disk"
+(checkpoints, LoRA and SVD-cache files evicted from the page cache with posix_fadvise(DONTNEED)
+right before the timed step). The reference is timed hot only: it is compute-bound.
+
+    python benchmarks/bench_transfer.py [--modules N] [--ranks 32 320] [--repeats K] [--work_dir DIR]
+                                        [--size tiny|full] [--skip_reference]
 
 --modules N subsamples the adapted modules (evenly over the sorted names); the output says what was
-measured. The checkpoints (about 2 GB each) are kept in --work_dir between runs.
+measured. --repeats K reports the median of K runs of every timed step. The checkpoints (about 2 GB
+each) are kept in --work_dir between runs. --size tiny runs the same steps on tiny fixtures (seconds;
+for tests of this script, its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,17 +50,99 @@ from sd_scripts_lorax.lorax import lorax_factors, top_bases  # noqa: E402
 from sd_scripts_lorax.svd_cache import get_or_compute  # noqa: E402
 from sd_scripts_lorax.transfer import transfer  # noqa: E402
 
+# posix_fadvise is Linux/POSIX only; without it the page-cache state cannot be controlled.
+CAN_EVICT = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
+DEFAULT_RANKS = {"full": [32, 320], "tiny": [4, 8]}
+_CHUNK = 16 * 2**20
+
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def checkpoints(work: Path) -> tuple[Path, Path]:
-    src = work / "sd15_decaying_fp16.safetensors"
-    tgt = work / "sd15_decaying_fp16_ft.safetensors"
+def load() -> str:
+    """The 1/5/15-minute load averages, so a reader can judge how noisy the timings are."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unavailable"
+    a, b, c = os.getloadavg()
+    return f"load average {a:.2f} {b:.2f} {c:.2f} on {os.cpu_count()} CPUs"
+
+
+# ---------------------------------------------------------------- page cache
+
+
+def _files(paths: Iterable[Path]) -> list[Path]:
+    """The regular files of `paths` (folders expanded recursively; missing paths skipped)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            out.append(p)
+    return out
+
+
+def evict(paths: Iterable[Path]) -> None:
+    """Drop the files' pages from the OS page cache, so their next read comes from disk.
+
+    fdatasync first: DONTNEED skips dirty pages, and the LoRA and cache files were just written.
+    It does not need root. Pages still mapped by a live process stay; our Checkpoints are closed.
+    """
+    for f in _files(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: Iterable[Path]) -> None:
+    """Read the files whole, so that they sit in the page cache (for the "hot" measurements)."""
+    buf = bytearray(_CHUNK)
+    for f in _files(paths):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def _time_pread(path: Path, offset: int, size: int) -> float:
+    buf = bytearray(min(_CHUNK, size))
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        done = 0
+        while done < size:
+            fh.seek(offset + done)
+            n = fh.readinto(memoryview(buf)[: min(len(buf), size - done)])
+            if not n:
+                break
+            done += n
+    return time.perf_counter() - t
+
+
+def check_eviction(path: Path, sample: int = 128 * 2**20) -> tuple[float, float, int]:
+    """Time a read of `sample` bytes from the middle of `path` right after evict() and again from
+    the cache; evicts again afterwards. Returns (evicted s, cached s, bytes read)."""
+    size = path.stat().st_size
+    n = min(sample, size)
+    offset = (size - n) // 2
+    evict([path])
+    disk = _time_pread(path, offset, n)
+    cached = _time_pread(path, offset, n)
+    evict([path])
+    return disk, cached, n
+
+
+# ---------------------------------------------------------------- setup (not timed)
+
+
+def checkpoints(work: Path, size: str) -> tuple[Path, Path]:
+    tag = "" if size == "full" else f"_{size}"
+    src = work / f"sd15_decaying_fp16{tag}.safetensors"
+    tgt = work / f"sd15_decaying_fp16{tag}_ft.safetensors"
     if not src.exists():
         t = time.perf_counter()
-        write_fixture("sd1", "single_file", "full", 0, src, dtype="fp16", spectrum="decaying")
+        write_fixture("sd1", "single_file", size, 0, src, dtype="fp16", spectrum="decaying")
         log(f"  wrote {src.name} ({src.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s")
     if not tgt.exists():
         t = time.perf_counter()
@@ -85,85 +177,166 @@ def make_lora(src: Path, names: list[str], rank: int, out: Path, setup_cache: Pa
     return write_lora(out, mods, meta, overwrite=True)
 
 
-def time_read(src: Path, tgt: Path, names: list[str]) -> float:
-    t = time.perf_counter()
+# ---------------------------------------------------------------- the timed steps
+
+
+def median_time(step: Callable[[], object], repeats: int, before: Callable[[], None] | None = None) -> float:
+    """Median wall time of `step` over `repeats` runs; `before` runs untimed ahead of each."""
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_needed(src: Path, tgt: Path, names: Sequence[str]) -> None:
+    """(b): read only the adapted modules' weights from both files."""
     with Checkpoint.open(src) as s, Checkpoint.open(tgt) as d:
         sr, dr = s.modules(), d.modules()
         for n in names:
             s.weight(sr[n])
             d.weight(dr[n])
-    return time.perf_counter() - t
 
 
-def time_reference(src: Path, tgt: Path, names: list[str]) -> float:
-    """Full fp32 SVD of every adapted module of both models (what a straightforward script does)."""
-    t = time.perf_counter()
+def hash_both(src: Path, tgt: Path) -> None:
+    for path in (src, tgt):
+        with Checkpoint.open(path) as c:
+            c.hashes()
+
+
+def reference(src: Path, tgt: Path, names: Sequence[str]) -> None:
+    """(a): full fp32 SVD of every adapted module of both models (what a straightforward script does)."""
     for path in (src, tgt):
         with Checkpoint.open(path) as c:
             refs = c.modules()
             for n in names:
                 w = c.weight(refs[n]).float()
                 torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
-    return time.perf_counter() - t
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modules", type=int, default=None, help="subsample N of the 264 adapted modules")
-    p.add_argument("--ranks", type=int, nargs="+", default=[32, 320])
+    p.add_argument("--modules", type=int, default=None, help="subsample N of the adapted modules (default: all)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="default 32 320 (tiny: 4 8)")
+    p.add_argument("--repeats", type=int, default=1, help="report the median of K runs of each timed step")
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="tiny: the same steps on tiny fixtures, to test this script")
     p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "lorax_bench_transfer"))
     p.add_argument("--skip_reference", action="store_true", help="do not time the full-SVD reference")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.modules is not None and args.modules < 1:
+        p.error("--modules must be >= 1")
+    ranks = args.ranks or DEFAULT_RANKS[args.size]
+    k = args.repeats
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
-    log("checkpoints (SD1.5 architecture, fp16, decaying spectra; target = drift 0.05, text encoder identical):")
-    src, tgt = checkpoints(work)
+    threads = torch.get_num_threads()
+    log(f"torch {torch.__version__}, {threads} threads; work dir {work}; {load()} (start)")
+    log(f"checkpoints (SD1.5 architecture, {args.size} size, fp16, decaying spectra; "
+        f"target = drift 0.05, text encoder identical):")
+    src, tgt = checkpoints(work, args.size)
     names = chosen_modules(src, args.modules)
     n_unet = sum(n.startswith("lora_unet_") for n in names)
-    log(f"adapted modules: {len(names)} ({n_unet} UNet attn + {len(names) - n_unet} TE)"
-        + (f", subsampled with --modules {args.modules}" if args.modules else ", all of them"))
+    n_all = len(chosen_modules(src, None))
+    subsampled = args.modules is not None and len(names) < n_all
+    scope = (f"SUBSAMPLED: {len(names)} of {n_all} modules (--modules {args.modules})" if subsampled
+             else f"all {len(names)} modules")
+    log(f"adapted modules: {len(names)} ({n_unet} UNet attn + {len(names) - n_unet} TE), "
+        + (scope if subsampled else "all of them"))
+    log(f"timings: median of {k} run(s) each")
 
-    time_read(src, tgt, names)  # warm the OS page cache so both sides read from memory
-    read = min(time_read(src, tgt, names) for _ in range(2))
-    log(f"(b) read the needed tensors from both files: {read:.2f} s")
-    t = time.perf_counter()
-    for path in (src, tgt):
-        with Checkpoint.open(path) as c:
-            c.hashes()
-    hashing = time.perf_counter() - t
-    log(f"    hashing both files (sha256 for the output metadata, paid once per cold run): {hashing:.1f} s")
+    if CAN_EVICT:
+        disk, cached, n = check_eviction(src)
+        mb = n / 2**20
+        verdict = ("eviction works" if disk > 3 * cached else
+                   "WARNING: evicted read is not much slower than cached: 'disk' numbers may come from memory")
+        log(f"page cache: {mb:.0f} MiB of {src.name} read in {disk:.3f} s after eviction "
+            f"({mb / disk:.0f} MiB/s), {cached:.3f} s from cache ({mb / cached:.0f} MiB/s): {verdict}")
+    else:
+        log("page cache: os.posix_fadvise unavailable on this platform; cannot evict, reporting hot only")
+
+    # Hot: files in the page cache. Disk: evicted right before the timed step.
+    warm([src, tgt])
+    read_hot = median_time(lambda: read_needed(src, tgt, names), k)
+    read_disk = median_time(lambda: read_needed(src, tgt, names), k, lambda: evict([src, tgt])) if CAN_EVICT else None
+    log(f"(b) read the needed tensors from both files: hot {read_hot:.3f} s, disk {_fmt(read_disk, '.3f')} s")
+    warm([src, tgt])
+    hash_hot = median_time(lambda: hash_both(src, tgt), k)
+    hash_disk = median_time(lambda: hash_both(src, tgt), k, lambda: evict([src, tgt])) if CAN_EVICT else None
+    log(f"    hashing both files (sha256 for the output metadata, paid once per cold run): "
+        f"hot {hash_hot:.2f} s, disk {_fmt(hash_disk, '.2f')} s")
     ref = None
     if not args.skip_reference:
-        ref = time_reference(src, tgt, names)
-        log(f"(a) reference, full fp32 SVD of {len(names)} modules x 2 models: {ref:.1f} s")
+        warm([src, tgt])
+        ref = median_time(lambda: reference(src, tgt, names), k)
+        log(f"(a) reference, full fp32 SVD of {len(names)} modules x 2 models: {ref:.2f} s "
+            f"(hot: it is compute-bound; {threads} torch threads)")
 
     rows = []
-    for rank in args.ranks:
-        lora = make_lora(src, names, rank, work / f"lora_r{rank}.safetensors", work / "setup_svd_cache")
-        cache = work / f"svd_cache_r{rank}"
-        shutil.rmtree(cache, ignore_errors=True)
-        out = work / f"out_r{rank}.safetensors"
-        t = time.perf_counter()
-        (rep,) = transfer(lora, src, tgt, out, svd_cache_dir=cache, overwrite=True, progress=False)
-        cold = time.perf_counter() - t
-        t = time.perf_counter()
-        transfer(lora, src, tgt, out, svd_cache_dir=cache, overwrite=True, progress=False)
-        warm = time.perf_counter() - t
+    for rank in ranks:
+        lora = make_lora(src, names, rank, work / f"lora_r{rank}{'' if args.size == 'full' else '_' + args.size}"
+                         ".safetensors", work / f"setup_svd_cache_{args.size}")
+        cache = work / f"svd_cache_r{rank}_{args.size}"
+        out = work / f"out_r{rank}_{args.size}.safetensors"
+        reports = []
+
+        def run() -> None:
+            reports[:] = transfer(lora, src, tgt, out, svd_cache_dir=cache, overwrite=True, progress=False)
+
+        def empty_cache() -> None:
+            shutil.rmtree(cache, ignore_errors=True)
+
+        def cold_hot_setup() -> None:
+            empty_cache()
+            warm([src, tgt, lora])
+
+        def cold_disk_setup() -> None:
+            empty_cache()
+            evict([src, tgt, lora])
+
+        # Order: hot cold, hot warm, then disk cold, disk warm; each step's setup puts the files in
+        # the state it needs, so the order only saves re-reading.
+        cold_hot = median_time(run, k, cold_hot_setup)
+        rep = reports[0]
+        warm_hot = median_time(run, k)
+        cold_disk = warm_disk = None
+        if CAN_EVICT:
+            cold_disk = median_time(run, k, cold_disk_setup)
+            if not cache.exists():
+                run()  # the last cold run filled it; this only guards a cache-less transfer
+            warm_disk = median_time(run, k, lambda: evict([src, tgt, lora, cache]))
         s = rep.summary()
-        svds = sum(1 for m in rep.modules if m.reason not in ("identical",))
-        log(f"rank {rank}: cold {cold:.1f} s, warm {warm:.2f} s; {svds} modules projected (2 SVDs each), "
+        projected = sum(1 for m in rep.modules if m.reason != "identical")
+        log(f"rank {rank}: hot cold {cold_hot:.2f} s, warm {warm_hot:.2f} s; disk cold {_fmt(cold_disk, '.2f')} s, "
+            f"warm {_fmt(warm_disk, '.2f')} s; {projected} modules projected (2 SVDs each), "
             f"{s['reasons'].get('identical', 0)} identical (copied, no SVD); kept {s['kept']}, "
             f"mean phi {s['mean_phi']:.3f}, energy kept {s['energy_kept']:.3f}")
-        rows.append((rank, cold, warm))
+        rows.append((rank, cold_hot, warm_hot, cold_disk, warm_disk))
 
-    log("\nsummary (targets: cold <= 0.20 x reference; warm <= 3 x read)")
-    log(f"{'rank':>5}  {'cold s':>8}  {'warm s':>8}  {'cold/ref':>9}  {'(cold-hash)/ref':>15}  {'warm/read':>9}")
-    for rank, cold, warm in rows:
-        cr = f"{cold / ref:.3f}" if ref else "-"
-        cr2 = f"{(cold - hashing) / ref:.3f}" if ref else "-"
-        log(f"{rank:>5}  {cold:>8.1f}  {warm:>8.2f}  {cr:>9}  {cr2:>15}  {warm / read:>9.2f}")
+    log(f"\nsummary ({scope}; median of {k}; targets: cold <= 0.20 x reference; warm <= 3 x read)")
+    log(f"reference {_fmt(ref, '.2f')} s (hot, compute-bound, {threads} threads); "
+        f"read: hot {read_hot:.3f} s, disk {_fmt(read_disk, '.3f')} s; warm/read divides by the read of the same column")
+    log(f"{'':>5}  {'hot (files in page cache)':^40}  {'disk (evicted before each step)':^40}")
+    head = f"{'cold s':>8}  {'warm s':>8}  {'cold/ref':>9}  {'warm/read':>9}"
+    log(f"{'rank':>5}  {head}  {head}")
+    for rank, ch, wh, cd, wd in rows:
+        hot = (f"{ch:>8.2f}  {wh:>8.2f}  {_fmt(ch / ref if ref else None, '.3f'):>9}  "
+               f"{wh / read_hot:>9.2f}")
+        dsk = (f"{_fmt(cd, '.2f'):>8}  {_fmt(wd, '.2f'):>8}  "
+               f"{_fmt(cd / ref if ref and cd is not None else None, '.3f'):>9}  "
+               f"{_fmt(wd / read_disk if wd is not None and read_disk else None, '.2f'):>9}")
+        log(f"{rank:>5}  {hot}  {dsk}")
+    log(f"{load()} (end)")
     return 0
 
 
