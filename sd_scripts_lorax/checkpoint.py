@@ -126,6 +126,8 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         self._modules: dict[str, ModuleRef] | None = None
         self._hashes: FileHashes | None = None
+        self._hashes_addnet = False   # whether _hashes includes the addnet pass
+        self.reads = 0                # tensors read so far (tests and benchmarks check warm runs read none)
 
     # -- opening
 
@@ -171,6 +173,7 @@ class Checkpoint:
     def tensor(self, key: str, rows: tuple[int, int] | None = None) -> "torch.Tensor":
         """One tensor (or a row range of it), in its stored dtype, on the CPU; reads only that tensor."""
         entry = self._entry(key)
+        self.reads += 1
         if rows is not None and not (0 <= rows[0] < rows[1] <= (entry.shape[0] if entry.shape else 0)):
             raise LoraxInputError(f"{self.path}: rows {list(rows)} out of range for {key} {list(entry.shape)}")
         if self._state is not None:
@@ -200,10 +203,15 @@ class Checkpoint:
                 f"{self.path}: module {ref.lora_name}: weight {ref.key} {list(t.shape)} contains NaN/Inf")
         return t
 
-    def hashes(self) -> FileHashes:
-        """sha256 / legacy / addnet hashes of the file (diffusers: of the UNet weights), one pass, cached."""
-        if self._hashes is None:
-            self._hashes = hash_files(self._hash_paths)
+    def hashes(self, addnet: bool = True) -> FileHashes:
+        """sha256 / legacy / addnet hashes of the file (diffusers: of the UNet weights), one pass, cached.
+
+        `addnet=False` skips the addnet hash (None then), which halves the hashing work for callers
+        that need only sha256 and legacy (the transfer's metadata).
+        """
+        if self._hashes is None or (addnet and not self._hashes_addnet):
+            self._hashes = hash_files(self._hash_paths, addnet=addnet)
+            self._hashes_addnet = addnet
         return self._hashes
 
     # -- internals

@@ -38,12 +38,16 @@ class FileHashes:
 
 
 class StreamHasher:
-    """Feed consecutive chunks of one byte stream; all three hashes come out of a single pass."""
+    """Feed consecutive chunks of one byte stream; all three hashes come out of a single pass.
 
-    def __init__(self) -> None:
+    `addnet=False` skips the after-header hash (a second sha256 over almost every byte), for
+    callers that need only `sha256` and `legacy`; `result().addnet` is then None.
+    """
+
+    def __init__(self, addnet: bool = True) -> None:
         self._full = hashlib.sha256()
         self._legacy = hashlib.sha256()
-        self._after_header = hashlib.sha256()
+        self._after_header = hashlib.sha256() if addnet else None
         self._head = b""                  # the first 8 bytes, until the header length is known
         self._data_start: int | None = None
         self._pos = 0
@@ -63,7 +67,7 @@ class StreamHasher:
             self._head += bytes(chunk[:8 - len(self._head)])
             if len(self._head) == 8:
                 self._data_start = 8 + int.from_bytes(self._head, "little")
-        if self._data_start is not None and end > self._data_start:
+        if self._after_header is not None and self._data_start is not None and end > self._data_start:
             self._after_header.update(chunk[max(self._data_start - start, 0):])
         self._pos = end
 
@@ -73,13 +77,16 @@ class StreamHasher:
         return FileHashes(
             sha256=self._full.hexdigest(),
             legacy=self._legacy.hexdigest()[:8],
-            addnet=self._after_header.hexdigest() if is_safetensors else None,
+            addnet=self._after_header.hexdigest() if is_safetensors and self._after_header is not None else None,
         )
 
 
-def hash_files(paths: Iterable[str | os.PathLike], chunk_size: int = _CHUNK) -> FileHashes:
-    """Hash the concatenation of `paths` (one file, or a sharded model's shards in order), reading once."""
-    hasher = StreamHasher()
+def hash_files(paths: Iterable[str | os.PathLike], chunk_size: int = _CHUNK, addnet: bool = True) -> FileHashes:
+    """Hash the concatenation of `paths` (one file, or a sharded model's shards in order), reading once.
+
+    `addnet=False`: skip `addnet` (None in the result), one sha256 pass instead of two.
+    """
+    hasher = StreamHasher(addnet=addnet)
     buf = bytearray(chunk_size)
     view = memoryview(buf)
     for path in paths:

@@ -1,8 +1,9 @@
 """On-disk cache of top-r bases: a folder of small .safetensors files (u, s, v).
 
-The key is sha256 over (a cache-format tag, the bases method version and method, dtype, shape,
-rank, the weight's bytes as stored), so a changed weight, dtype, rank or algorithm never hits an old
-entry. Entries are written atomically; an unreadable or inconsistent entry is recomputed and
+The key is sha256 over (a cache-format tag, the bases method version and method, rank, and the
+weight's content key = sha256 of its dtype, shape and bytes as stored, see `tensor_index`), so a
+changed weight, dtype, rank or algorithm never hits an old entry, and a caller that already knows
+the content key (from a checkpoint's tensor index) finds the entry without the weight. Entries are written atomically; an unreadable or inconsistent entry is recomputed and
 replaced, never fatal. No math here: computing bases is the caller's `compute` callback.
 """
 
@@ -24,34 +25,37 @@ from .atomic import atomic_write
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax.bases import METHOD_VERSION, Bases
+from .tensor_index import content_key, tensor_bytes_view
 
 log = logging.getLogger(__name__)
 
-_FORMAT_TAG = b"sd-scripts-lorax svd-cache v1\0"
+# v2: keyed by the weight's content key (v1 hashed the bytes inside the entry key)
+_FORMAT_TAG = b"sd-scripts-lorax svd-cache v2\0"
 # Threads for the lookups (hash + read + check) of a warm cache: 2-4 cores is where they stop helping.
 _LOOKUP_THREADS = min(4, os.cpu_count() or 1)
 
 
-def weight_bytes_view(weight: torch.Tensor):
-    """The weight's raw bytes (CPU, contiguous) as a zero-copy buffer for hashing."""
-    flat = weight.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+weight_bytes_view = tensor_bytes_view  # the old name, kept for callers
+
+
+def entry_key(content: str, rank: int, method: str = "auto", version: str = METHOD_VERSION) -> str:
+    """Hex sha256 naming the entry of the weight with content key `content` at `rank` (method/version)."""
+    h = hashlib.sha256(_FORMAT_TAG)
+    h.update(f"{version}\0{method}\0{int(rank)}\0{content}".encode())
+    return h.hexdigest()
 
 
 def cache_key(weight: torch.Tensor, rank: int, method: str = "auto", version: str = METHOD_VERSION) -> str:
     """Hex sha256 naming the cache entry of `weight` at `rank` for this bases method/version."""
-    h = hashlib.sha256(_FORMAT_TAG)
-    header = f"{version}\0{method}\0{weight.dtype}\0{tuple(weight.shape)}\0{int(rank)}\0"
-    h.update(header.encode())
-    h.update(weight_bytes_view(weight))
-    return h.hexdigest()
+    return entry_key(content_key(weight), rank, method, version)
 
 
 def _entry_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / f"{key}.safetensors"
 
 
-def _prepare_dir(cache_dir: str | os.PathLike) -> Path:
+def prepare_dir(cache_dir: str | os.PathLike) -> Path:
+    """Create the cache folder if needed; LoraxInputError when it cannot be created or written."""
     path = Path(cache_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -62,9 +66,9 @@ def _prepare_dir(cache_dir: str | os.PathLike) -> Path:
     return path
 
 
-def _expected_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int], tuple[int, int]]:
-    out = weight.shape[0]
-    n = weight[0].numel() if weight.dim() > 0 and out > 0 else 0
+def _expected_shapes(shape: tuple[int, ...], rank: int) -> tuple[tuple[int, int], tuple[int], tuple[int, int]]:
+    out = shape[0] if shape else 0
+    n = math.prod(shape[1:]) if shape and out > 0 else 0
     r = min(rank, out, n)
     return (out, r), (r,), (n, r)
 
@@ -116,8 +120,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
-    """The entry at `path`, or None when missing, unreadable or not matching this weight."""
+def _load(path: Path, shape: tuple[int, ...], rank: int) -> Bases | None:
+    """The entry at `path`, or None when missing, unreadable or not matching a weight of `shape`."""
     if not path.is_file():
         return None
     try:
@@ -129,7 +133,7 @@ def _load(path: Path, weight: torch.Tensor, rank: int) -> Bases | None:
     except Exception as exc:  # corrupt/truncated entry: any failure means "recompute"
         log.warning("SVD cache entry %s unreadable (%s); recomputing", path, exc)
         return None
-    want = _expected_shapes(weight, rank)
+    want = _expected_shapes(tuple(shape), rank)
     got = (tuple(bases.u.shape), tuple(bases.s.shape), tuple(bases.v.shape))
     finite = all(all_finite(t) for t in (bases.u, bases.s, bases.v))
     if got != want or not finite:
@@ -157,6 +161,26 @@ def get_or_compute(weight: torch.Tensor, rank: int, cache_dir: str | os.PathLike
     return get_many([weight], rank, cache_dir, lambda missing: [compute()], method=method)[0]
 
 
+def lookup(content: str, shape: tuple[int, ...], rank: int, cache_dir: str | os.PathLike | None,
+           method: str = "auto") -> Bases | None:
+    """The cached bases (CPU) of the weight with content key `content` and `shape` at `rank`, or None.
+
+    Needs no weight: for callers that know the content key (a checkpoint's tensor index).
+    """
+    if cache_dir is None:
+        return None
+    return _load(_entry_path(Path(cache_dir), entry_key(content, rank, method)), tuple(shape), rank)
+
+
+def store(content: str, rank: int, bases: Bases, cache_dir: str | os.PathLike | None, method: str = "auto") -> None:
+    """Write `bases` as the entry of (content key, rank, method); never fatal (see `_save`)."""
+    if cache_dir is None:
+        return
+    folder = prepare_dir(cache_dir)
+    key = entry_key(content, rank, method)
+    _save(_entry_path(folder, key), bases, key)
+
+
 def get_many(weights: Sequence[torch.Tensor], rank: int, cache_dir: str | os.PathLike | None,
              compute_missing: Callable[[list[int]], list[Bases]], method: str = "auto") -> list[Bases]:
     """Bases for every weight; the misses are computed in one `compute_missing(indices)` call.
@@ -167,12 +191,12 @@ def get_many(weights: Sequence[torch.Tensor], rank: int, cache_dir: str | os.Pat
     results: list[Bases | None] = [None] * len(weights)
     paths: list[Path | None] = [None] * len(weights)
     keys: list[str] = [""] * len(weights)
-    folder = _prepare_dir(cache_dir) if cache_dir is not None else None
+    folder = prepare_dir(cache_dir) if cache_dir is not None else None
     if folder is not None:
         def lookup(i: int) -> tuple[str, Path, Bases | None]:
             key = cache_key(weights[i], rank, method)
             path = _entry_path(folder, key)
-            return key, path, _load(path, weights[i], rank)
+            return key, path, _load(path, tuple(weights[i].shape), rank)
 
         # hashing, file reads and torch reductions release the GIL: threads overlap them
         workers = min(_LOOKUP_THREADS, len(weights))

@@ -23,11 +23,14 @@ import fnmatch
 import json
 import math
 import os
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -35,7 +38,10 @@ from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
-from .lorax.bases import bases_from_claimed_v
+from .lorax.bases import METHOD_VERSION, bases_from_claimed_v
+from .lorax.similarity import Similarity
+from .phi_cache import PhiBook, phi_key
+from .tensor_index import TensorIndex, content_key, stat_key
 from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
                               TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
                               split_block, write_json)
@@ -46,12 +52,15 @@ if TYPE_CHECKING:  # sibling I/O modules, imported lazily at run time
     from .lora_file import LoraFile, LoraModule
     from .naming import ModuleRef
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 MATCH_MODES = ("name", "similarity")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                    "bf16": torch.bfloat16}
 
-# SVD-cache method tag of source bases taken from a LoRA-X file (see _BasesProvider.source)
+# SVD-cache method tag of source bases taken from a LoRA-X file (see _Engine.source_bases)
 CLAIMED_METHOD = "lorax-file-v1"
 
 __all__ = ["transfer", "TransferReport", "ModuleResult", "MATCH_MODES", "PRECISIONS", "SAVE_PRECISIONS"]
@@ -185,8 +194,7 @@ def check_checkpoints(src: "Checkpoint", tgt: "Checkpoint", names: Iterable[str]
             f"({len(bad)} of {len(shared)} modules differ)")
 
 
-# ---------------------------------------------------------------- bases
-
+# ---------------------------------------------------------------- weights, bases and phi through the caches
 
 
 def slice_bases(b: Bases, r: int) -> Bases:
@@ -194,41 +202,81 @@ def slice_bases(b: Bases, r: int) -> Bases:
     return Bases(b.u[:, :r], b.s[:r], b.v[:, :r])
 
 
+class _Weights:
+    """One checkpoint's used weights: content keys from its tensor index (no read), else read,
+    NaN/Inf-checked (`Checkpoint.weight`) and hashed once, the index updated."""
+
+    def __init__(self, ckpt: "Checkpoint", index: "TensorIndex") -> None:
+        self.ckpt, self.index = ckpt, index
+        self._lock = threading.Lock()  # one reader of the checkpoint's handles at a time
+
+    def known(self, ref: "ModuleRef") -> str | None:
+        return self.index.get(ref.key, ref.rows)
+
+    def read(self, ref: "ModuleRef") -> tuple[torch.Tensor, str]:
+        with self._lock:
+            w = self.ckpt.weight(ref)
+        key = content_key(w)  # outside the lock: hashing runs in parallel across modules
+        self.index.put(ref.key, ref.rows, key)
+        return w, key
+
+
+class _Side:
+    """A module's weight in one checkpoint: its content key at once, its bytes only when needed."""
+
+    def __init__(self, weights: _Weights, ref: "ModuleRef") -> None:
+        self.weights, self.ref = weights, ref
+        self.shape = tuple(ref.shape)
+        self._w: torch.Tensor | None = None
+        known = weights.known(ref)
+        if known is None:
+            self._w, known = weights.read(ref)
+        self.content: str = known
+
+    def tensor(self) -> torch.Tensor:
+        if self._w is None:
+            # a cache miss after an index hit; the bytes decide the key from here on
+            self._w, self.content = self.weights.read(self.ref)
+        return self._w
+
+
 @dataclass
-class _BasesProvider:
-    """Top bases of stored weights, on the compute device, through the SVD cache when one is given."""
+class _Engine:
+    """What the per-module work needs: both checkpoints' weights, the caches, the compute settings."""
 
+    src: _Weights
+    tgt: _Weights
+    cache_dir: Path | None
+    phi: "PhiBook"
     device: torch.device
-    cache_dir: Path | None = None
-    computed: int = 0   # SVDs actually run (cache misses), for tests and benchmarks
+    dtype: torch.dtype
+    threshold: float
 
-    def __call__(self, w: torch.Tensor, rank: int) -> Bases:
-        """Bases of a stored (CPU) weight at `rank`, on the compute device."""
+    def bases(self, side: _Side, rank: int, method: str, compute: Callable[[torch.Tensor], Bases]) -> Bases:
+        """Bases of `side` at `rank` from the SVD cache (by content key, no read), else computed and stored."""
         from . import svd_cache
 
-        def compute() -> Bases:
-            self.computed += 1
-            return top_bases(w.to(self.device), rank)
+        b = svd_cache.lookup(side.content, side.shape, rank, self.cache_dir, method)
+        if b is None:
+            b = compute(side.tensor().to(self.device))
+            svd_cache.store(side.content, rank, b, self.cache_dir, method)
+        return b.to(self.device)
 
-        # the cache keys on the stored bytes, so it gets the CPU tensor; results move afterwards
-        return svd_cache.get_or_compute(w, rank, self.cache_dir, compute).to(self.device)
+    def target_bases(self, side: _Side, rank: int) -> Bases:
+        return self.bases(side, rank, "auto", lambda w: top_bases(w, rank))
 
-    def source(self, w: torch.Tensor, rank: int, claimed_v: torch.Tensor | None) -> Bases:
-        """Source bases for the similarity: from a LoRA-X file's own `down` when it passes the checks
-        of `bases_from_claimed_v` (no SVD of the source), else as `__call__`. Cached under their own
-        method tag, so they never stand in for exact bases elsewhere."""
+    def source_bases(self, side: _Side, rank: int, claimed_v: torch.Tensor | None) -> Bases:
+        """Source bases: from a LoRA-X file's own `down` when it passes the checks of
+        `bases_from_claimed_v` (no SVD of the source), else exact. Cached under their own method
+        tag, so they never stand in for exact bases elsewhere."""
         if claimed_v is None:
-            return self(w, rank)
-        from . import svd_cache
+            return self.bases(side, rank, "auto", lambda w: top_bases(w, rank))
 
-        def compute() -> Bases:
-            b = bases_from_claimed_v(w.to(self.device), claimed_v.to(self.device))
-            if b is None:
-                self.computed += 1
-                b = top_bases(w.to(self.device), rank)
-            return b
+        def compute(w: torch.Tensor) -> Bases:
+            b = bases_from_claimed_v(w, claimed_v.to(self.device))
+            return b if b is not None else top_bases(w, rank)
 
-        return svd_cache.get_or_compute(w, rank, self.cache_dir, compute, method=CLAIMED_METHOD).to(self.device)
+        return self.bases(side, rank, CLAIMED_METHOD, compute)
 
 
 def _claimed_v(users: Sequence["_Job"], name: str, rank: int) -> torch.Tensor | None:
@@ -246,9 +294,13 @@ def _claimed_v(users: Sequence["_Job"], name: str, rank: int) -> torch.Tensor | 
 
 
 def _delta_norm(up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
-    """||scale * up @ down||_F from the factors: sqrt(trace((up^T up)(down down^T)))."""
-    u = up.reshape(up.shape[0], -1).to(torch.float64)
-    d = down.reshape(down.shape[0], -1).to(torch.float64)
+    """||scale * up @ down||_F from the factors: sqrt(trace((up^T up)(down down^T))).
+
+    float32 r x r Gram matrices: agrees with a float64 evaluation to ~1e-6 relative (test), and the
+    report needs no more.
+    """
+    u = up.reshape(up.shape[0], -1).to(torch.float32)
+    d = down.reshape(down.shape[0], -1).to(torch.float32)
     return abs(scale) * math.sqrt(max(0.0, float(((u.T @ u) * (d @ d.T)).sum())))
 
 
@@ -266,119 +318,175 @@ class _Job:
     out: dict[str, "LoraModule"] = field(default_factory=dict)
 
 
+# what the per-module work returns, applied to the jobs in module order by the main thread
+_Outcome = tuple[_Job, ModuleResult, "LoraModule | None"]
+
+
+def _apply(outcomes: Iterable[_Outcome]) -> None:
+    for job, res, mod in outcomes:
+        job.report.modules.append(res)
+        if mod is not None:
+            job.out[res.name] = mod
+
+
 def _module_rank(mod: "LoraModule", shape: tuple[int, ...]) -> int:
     return min(int(mod.down.shape[0]), int(shape[0]), math.prod(shape[1:]))
 
 
-def _project(job: _Job, src_name: str, out_name: str, shape: tuple[int, ...], bs: Bases | None, bt: Bases,
-             threshold: float, dtype: torch.dtype, device: torch.device) -> None:
-    """Similarity at the module's rank, then Eq. 3 onto the target bases (kept if phi >= threshold)."""
+def _scale(mod: "LoraModule") -> float:
+    return float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+
+
+def _similarity(eng: _Engine, key: str, bs: Bases | None, bt: Bases, r: int) -> Similarity:
+    """phi at rank r from the phi book, else from the bases (then remembered)."""
+    hit = eng.phi.get(key)
+    if hit is not None:
+        return Similarity(hit[0], hit[1], min(hit))
+    assert bs is not None
+    sim = module_similarity(slice_bases(bs, r), slice_bases(bt, r))
+    eng.phi.put(key, sim.phi_u, sim.phi_v)
+    return sim
+
+
+def _project(eng: _Engine, job: _Job, src_name: str, out_name: str, shape: tuple[int, ...], sim: Similarity | None,
+             bt: Bases, bs_energy: Bases | None) -> _Outcome:
+    """Eq. 3 onto the target bases (kept if phi >= threshold); bs_energy: source bases for a plain input."""
     from .lora_file import LoraModule
 
     mod = job.lora.modules[src_name]
     r = _module_rank(mod, shape)
     bt_r = slice_bases(bt, r)
-    sim = module_similarity(slice_bases(bs, r), bt_r) if bs is not None else None
-    up, down = mod.up.to(device), mod.down.to(device)
-    scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+    up, down = mod.up.to(eng.device), mod.down.to(eng.device)
+    scale = _scale(mod)
     norm_s = _delta_norm(up, down, scale)
+    dtype = eng.dtype
     up_t, down_t = project_factors(up.to(dtype), down.to(dtype), bt_r.u.to(dtype), bt_r.v.to(dtype), scale=scale)
-    norm_t = float(torch.linalg.vector_norm(up_t.to(torch.float64)))  # ||U_t C||_F = ||C||_F
-    kept = sim is None or sim.phi >= threshold
-    job.report.modules.append(ModuleResult(
+    norm_t = float(torch.linalg.vector_norm(up_t.to(torch.float32)))  # ||U_t C||_F = ||C||_F
+    kept = sim is None or sim.phi >= eng.threshold
+    res = ModuleResult(
         name=out_name, shape=tuple(shape), rank=r, transferred=kept,
         reason=TRANSFERRED if kept else BELOW_THRESHOLD,
         phi_u=sim.phi_u if sim else None, phi_v=sim.phi_v if sim else None, source=src_name,
         norm_source=norm_s, norm_target=norm_t,
-        energy_in_source_subspace=(energy_in_subspace(up, down, bs.u[:, :r], bs.v[:, :r])
-                                   if job.plain and bs is not None else None)))
-    if kept:
-        job.out[out_name] = LoraModule(name=out_name, down=down_t.cpu(), up=up_t.cpu(), alpha=float(r))
+        energy_in_source_subspace=(energy_in_subspace(up, down, bs_energy.u[:, :r], bs_energy.v[:, :r])
+                                   if job.plain and bs_energy is not None else None))
+    return job, res, (LoraModule(name=out_name, down=down_t.cpu(), up=up_t.cpu(), alpha=float(r)) if kept else None)
 
 
-def _copy_identical(job: _Job, name: str, shape: tuple[int, ...]) -> None:
+def _copy_identical(job: _Job, name: str, shape: tuple[int, ...]) -> _Outcome:
     mod = job.lora.modules[name]
-    scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
-    norm = _delta_norm(mod.up, mod.down, scale)
-    job.report.modules.append(ModuleResult(
+    norm = _delta_norm(mod.up, mod.down, _scale(mod))
+    return job, ModuleResult(
         name=name, shape=tuple(shape), rank=int(mod.down.shape[0]), transferred=True, reason=IDENTICAL,
-        phi_u=1.0, phi_v=1.0, source=name, norm_source=norm, norm_target=norm))
-    job.out[name] = mod
+        phi_u=1.0, phi_v=1.0, source=name, norm_source=norm, norm_target=norm), mod
 
 
-def _drop(job: _Job, name: str, shape: tuple[int, ...] | None, reason: str, source: str | None = None) -> None:
+def _drop(job: _Job, name: str, shape: tuple[int, ...] | None, reason: str, source: str | None = None) -> _Outcome:
     mod = job.lora.modules.get(source or name)
-    norm = None
-    if mod is not None:
-        scale = float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
-        norm = _delta_norm(mod.up, mod.down, scale)
-    job.report.modules.append(ModuleResult(
+    norm = _delta_norm(mod.up, mod.down, _scale(mod)) if mod is not None else None
+    return job, ModuleResult(
         name=name, shape=tuple(shape or ()), rank=0, transferred=False, reason=reason, source=source or name,
-        norm_source=norm, norm_target=0.0 if norm is not None else None))
+        norm_source=norm, norm_target=0.0 if norm is not None else None), None
 
 
-def _progress(items: Sequence, enabled: bool, desc: str) -> Iterator:
+# ---------------------------------------------------------------- running modules in parallel, in order
+
+
+@contextmanager
+def _module_workers(device: torch.device) -> Iterator[int]:
+    """Workers for the per-module work: torch's CPU threads at entry (each worker then runs torch on one
+    thread, restored afterwards); 1 (serial) on CUDA or with one thread."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n <= 1:
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
+
+
+def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """fn over items on `workers` threads, results yielded in item order; at most 2 x workers in
+    flight, so memory stays bounded. workers <= 1: a plain serial loop."""
+    if workers <= 1:
+        for x in items:
+            yield fn(x)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorax-transfer")
+    pending: deque[Future] = deque()
+    try:
+        for x in items:
+            pending.append(pool.submit(fn, x))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(items: Iterable, enabled: bool, desc: str, total: int) -> Iterator:
     if not enabled:
         yield from items
         return
     from tqdm.auto import tqdm
 
     # tqdm's bar shows elapsed<remaining, which is the "time left" users ask for
-    yield from tqdm(items, desc=desc, unit="module", dynamic_ncols=True)
+    yield from tqdm(items, desc=desc, unit="module", dynamic_ncols=True, total=total)
 
 
-def _run_name_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", bases: _BasesProvider,
-                    threshold: float, filters: Sequence[str], dtype: torch.dtype, device: torch.device,
-                    progress: bool) -> None:
-    s_refs, t_refs = src.modules(), tgt.modules()
+def _run_name_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str], progress: bool) -> None:
+    s_refs, t_refs = eng.src.ckpt.modules(), eng.tgt.ckpt.modules()
     names = sorted({n for j in jobs for n in j.lora.modules})
-    for name in _progress(names, progress, "transfer"):
+
+    def work(name: str) -> list[_Outcome]:
         users = [j for j in jobs if name in j.lora.modules]
         s_ref = s_refs[name]
         if _filtered(name, filters):
-            for j in users:
-                _drop(j, name, s_ref.shape, FILTERED)
-            continue
+            return [_drop(j, name, s_ref.shape, FILTERED) for j in users]
         t_ref = t_refs.get(name)
         if t_ref is None:
-            for j in users:
-                _drop(j, name, s_ref.shape, MISSING_IN_TARGET)
-            continue
+            return [_drop(j, name, s_ref.shape, MISSING_IN_TARGET) for j in users]
         if tuple(t_ref.shape) != tuple(s_ref.shape):
-            for j in users:
-                _drop(j, name, t_ref.shape, SHAPE_MISMATCH)
-            continue
-        w_s, w_t = src.weight(s_ref), tgt.weight(t_ref)
+            return [_drop(j, name, t_ref.shape, SHAPE_MISMATCH) for j in users]
         shape = tuple(s_ref.shape)
-        if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
-            for j in users:
-                _copy_identical(j, name, shape)
-            continue
+        s, t = _Side(eng.src, s_ref), _Side(eng.tgt, t_ref)
+        if s.content == t.content:  # equal content keys: bit-identical weights of one dtype
+            return [_copy_identical(j, name, shape) for j in users]
         rank = max(_module_rank(j.lora.modules[name], shape) for j in users)
-        bs, bt = bases.source(w_s, rank, _claimed_v(users, name, rank)), bases(w_t, rank)
-        del w_s, w_t
-        for j in users:
-            _project(j, name, name, shape, bs, bt, threshold, dtype, device)
+        claimed = _claimed_v(users, name, rank)
+        s_method = CLAIMED_METHOD if claimed is not None else "auto"
+        ranks = {j.path: _module_rank(j.lora.modules[name], shape) for j in users}
+        keys = {r: phi_key(s.content, t.content, r, rank, s_method, METHOD_VERSION) for r in set(ranks.values())}
+        # source bases only for a phi not yet known, or a plain input's energy share
+        need_bs = any(j.plain for j in users) or any(eng.phi.get(k) is None for k in keys.values())
+        bs = eng.source_bases(s, rank, claimed) if need_bs else None
+        bt = eng.target_bases(t, rank)
+        return [_project(eng, j, name, name, shape, _similarity(eng, keys[ranks[j.path]], bs, bt, ranks[j.path]),
+                         bt, bs) for j in users]
+
+    with _module_workers(eng.device) as workers:
+        for outcomes in _progress(_ordered_map(work, names, workers), progress, "transfer", len(names)):
+            _apply(outcomes)
 
 
-def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint", bases: _BasesProvider,
-                          threshold: float, filters: Sequence[str], dtype: torch.dtype, device: torch.device,
-                          progress: bool) -> None:
+def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str], progress: bool) -> None:
     """Pair each target module with the most similar same-shaped source module of the same part and kind.
 
     For distilled targets whose blocks were removed and renumbered. Candidate sources are the
-    modules the LoRAs touch; a same-named identical weight is paired with no SVD.
+    modules the LoRAs touch; a same-named identical weight is paired with no SVD. The target bases
+    run in parallel (in order); the source bases (memoised) and the pairing run in the main thread.
     """
-    s_refs, t_refs = src.modules(), tgt.modules()
+    s_refs, t_refs = eng.src.ckpt.modules(), eng.tgt.ckpt.modules()
 
     def kind(name: str, shape: Sequence[int]) -> tuple[str, str, tuple[int, ...]]:
         return (s_refs[name].part if name in s_refs else t_refs[name].part, split_block(name)[1], tuple(shape))
 
     touched = sorted({n for j in jobs for n in j.lora.modules if not _filtered(n, filters)})
     for j in jobs:
-        for n in sorted(j.lora.modules):
-            if _filtered(n, filters):
-                _drop(j, n, s_refs[n].shape, FILTERED)
+        _apply(_drop(j, n, s_refs[n].shape, FILTERED) for n in sorted(j.lora.modules) if _filtered(n, filters))
     by_kind: dict[tuple, list[str]] = {}
     for n in touched:
         by_kind.setdefault(kind(n, s_refs[n].shape), []).append(n)
@@ -387,44 +495,50 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
 
     def source_bases(n: str) -> Bases:
         if n not in src_bases:
-            w = src.weight(s_refs[n])
-            r = max(_module_rank(j.lora.modules[n], s_refs[n].shape) for j in jobs if n in j.lora.modules)
-            src_bases[n] = bases.source(w, r, _claimed_v([j for j in jobs if n in j.lora.modules], n, r))
+            users = [j for j in jobs if n in j.lora.modules]
+            r = max(_module_rank(j.lora.modules[n], s_refs[n].shape) for j in users)
+            src_bases[n] = eng.source_bases(_Side(eng.src, s_refs[n]), r, _claimed_v(users, n, r))
         return src_bases[n]
 
-    paired: dict[int, set[str]] = {id(j): set() for j in jobs}
-    for t_name in _progress(targets, progress, "transfer (similarity)"):
+    def target_work(t_name: str) -> Bases | None:
+        """The target bases at the largest candidate rank; None when the same-named source is identical."""
         t_ref = t_refs[t_name]
         shape = tuple(t_ref.shape)
         cands = by_kind[kind(t_name, shape)]
-        w_t = tgt.weight(t_ref)
-        if t_name in cands:
-            w_s = src.weight(s_refs[t_name])
-            if w_s.dtype == w_t.dtype and torch.equal(w_s, w_t):
+        t = _Side(eng.tgt, t_ref)
+        if t_name in cands and _Side(eng.src, s_refs[t_name]).content == t.content:
+            return None
+        rank = max(_module_rank(j.lora.modules[c], shape) for j in jobs for c in cands if c in j.lora.modules)
+        return eng.target_bases(t, rank)
+
+    paired: dict[int, set[str]] = {id(j): set() for j in jobs}
+    with _module_workers(eng.device) as workers:
+        results = zip(targets, _ordered_map(target_work, targets, workers))
+        for t_name, bt in _progress(results, progress, "transfer (similarity)", len(targets)):
+            shape = tuple(t_refs[t_name].shape)
+            cands = by_kind[kind(t_name, shape)]
+            if bt is None:
                 for j in jobs:
                     if t_name in j.lora.modules:
-                        _copy_identical(j, t_name, shape)
+                        _apply([_copy_identical(j, t_name, shape)])
                         paired[id(j)].add(t_name)
                 continue
-        rank = max(_module_rank(j.lora.modules[c], shape) for j in jobs for c in cands if c in j.lora.modules)
-        bt = bases(w_t, rank)
-        del w_t
-        for j in jobs:
-            mine = [c for c in cands if c in j.lora.modules]
-            if not mine:
-                continue
-            best, best_phi = None, -1.0
-            for c in mine:  # ties keep the first (sorted) name, so the pairing is deterministic
-                r = _module_rank(j.lora.modules[c], shape)
-                phi = module_similarity(slice_bases(source_bases(c), r), slice_bases(bt, r)).phi
-                if phi > best_phi + 1e-12:
-                    best, best_phi = c, phi
-            _project(j, best, t_name, shape, source_bases(best), bt, threshold, dtype, device)
-            paired[id(j)].add(best)
+            for j in jobs:
+                mine = [c for c in cands if c in j.lora.modules]
+                if not mine:
+                    continue
+                best, best_sim = None, None
+                for c in mine:  # ties keep the first (sorted) name, so the pairing is deterministic
+                    r = _module_rank(j.lora.modules[c], shape)
+                    sim = module_similarity(slice_bases(source_bases(c), r), slice_bases(bt, r))
+                    if best_sim is None or sim.phi > best_sim.phi + 1e-12:
+                        best, best_sim = c, sim
+                assert best is not None
+                _apply([_project(eng, j, best, t_name, shape, best_sim, bt, source_bases(best))])
+                paired[id(j)].add(best)
     for j in jobs:
-        for n in sorted(j.lora.modules):
-            if n not in paired[id(j)] and not _filtered(n, filters):
-                _drop(j, n, s_refs[n].shape, MISSING_IN_TARGET)
+        _apply(_drop(j, n, s_refs[n].shape, MISSING_IN_TARGET) for n in sorted(j.lora.modules)
+               if n not in paired[id(j)] and not _filtered(n, filters))
 
 
 # ---------------------------------------------------------------- metadata and writing
@@ -433,29 +547,23 @@ def _run_similarity_match(jobs: list[_Job], src: "Checkpoint", tgt: "Checkpoint"
 _HASHES_FILE = "model_hashes.json"
 
 
-def _stat_key(path: Path) -> str:
-    """Identity of a checkpoint on disk: path, sizes and mtimes of its weight files."""
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
-    stats = [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return json.dumps([str(path.resolve()), stats])
-
-
 def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
-    """ckpt.hashes(), remembered in the SVD cache folder by path, size and mtime (hashing a 2-7 GB
-    checkpoint costs seconds, more than a warm transfer; A1111 caches these the same way)."""
+    """ckpt's sha256 and legacy hashes (no addnet: the metadata does not use it), remembered in the SVD
+    cache folder by path, size and mtime (hashing a 2-7 GB checkpoint costs seconds, more than a warm
+    transfer; A1111 caches these the same way)."""
     from .hashing import FileHashes
 
     if cache_dir is None:
-        return ckpt.hashes()
+        return ckpt.hashes(addnet=False)
     book_path = cache_dir / _HASHES_FILE
-    key = _stat_key(ckpt.path)
+    key = stat_key(ckpt.path)
     try:
         book = json.loads(book_path.read_text())
         hit = book[key]
         return FileHashes(sha256=hit["sha256"], legacy=hit["legacy"], addnet=hit.get("addnet"))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    h = ckpt.hashes()
+    h = ckpt.hashes(addnet=False)
     try:
         try:
             book = json.loads(book_path.read_text())
@@ -471,12 +579,41 @@ def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
     return h
 
 
+class _Background:
+    """`fn()` on a daemon thread (so a failed transfer does not wait for it); `result()` joins it and
+    re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._value: object = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = fn()
+            except BaseException as exc:  # handed to the caller of result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="lorax-model-hashes", daemon=True)
+        self._thread.start()
+
+    def result(self):  # noqa: ANN201 - the value of fn()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _both_hashes(src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> tuple["FileHashes", "FileHashes"]:
+    s = model_hashes(src, cache_dir)
+    return s, (s if src.path.resolve() == tgt.path.resolve() else model_hashes(tgt, cache_dir))
+
+
 def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float,
-                     cache_dir: Path | None) -> dict[str, str]:
+                     hashes: tuple["FileHashes", "FileHashes"]) -> dict[str, str]:
     from . import lora_file
 
     meta = dict(job.lora.metadata)
-    s_hash, t_hash = model_hashes(src, cache_dir), model_hashes(tgt, cache_dir)
+    s_hash, t_hash = hashes
     rep = job.report
     ranks = {int(m.down.shape[0]) for m in job.out.values()}
     meta.update(lora_file.lorax_metadata(
@@ -591,9 +728,25 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
                                  output=str(o) if o is not None else None)
             jobs.append(_Job(path=p, lora=f, report=rep, plain=plain))
 
-        provider = _BasesProvider(dev, Path(svd_cache_dir) if svd_cache_dir is not None else None)
+        cache_dir = None
+        if svd_cache_dir is not None:
+            from .svd_cache import prepare_dir
+
+            cache_dir = prepare_dir(svd_cache_dir)
+        # the metadata's model hashes (seconds for GB files, unless remembered) overlap the module work;
+        # a dry run writes no metadata and hashes nothing
+        hashing = None if dry_run else _Background(lambda: _both_hashes(src, tgt, cache_dir))
+        s_index = TensorIndex.load(cache_dir, src.path)
+        same = src.path.resolve() == tgt.path.resolve()
+        t_index = s_index if same else TensorIndex.load(cache_dir, tgt.path)
+        eng = _Engine(src=_Weights(src, s_index), tgt=_Weights(tgt, t_index), cache_dir=cache_dir,
+                      phi=PhiBook.load(cache_dir), device=dev, dtype=PRECISIONS[precision],
+                      threshold=float(threshold))
         run = _run_name_match if match == "name" else _run_similarity_match
-        run(jobs, src, tgt, provider, float(threshold), filters, PRECISIONS[precision], dev, progress)
+        run(jobs, eng, filters, progress)
+        for index in (eng.src.index, eng.tgt.index):
+            index.save()
+        eng.phi.save()
 
         if not dry_run:
             from .lora_file import write_lora
@@ -603,7 +756,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
                     raise LoraxInputError(f"{j.path}: no module passed (threshold {threshold}); nothing to write "
                                           f"(lower --threshold or use --dry_run to see the report)")
             for j, o in zip(jobs, outs):
-                meta = _output_metadata(j, src, tgt, float(threshold), provider.cache_dir)
+                meta = _output_metadata(j, src, tgt, float(threshold), hashing.result())
                 j.report.source_hash = meta.get("lorax.source_model_hash")
                 j.report.target_hash = meta.get("lorax.target_model_hash")
                 with _io_errors(o):
