@@ -453,3 +453,20 @@ def test_hash_file_reads_each_byte_once(tmp_path, monkeypatch):
     h = hashing.hash_file(path, chunk_size=65536)
     assert sum(reads) == path.stat().st_size  # one pass: every byte read exactly once
     assert h.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hashes_without_addnet_skip_only_that_pass(tmp_path):
+    from sd_scripts_lorax.hashing import hash_files
+
+    state = {**make_state(SD1_KEYS), "big": torch.arange(400_000, dtype=torch.float32)}
+    path = write(tmp_path / "m.safetensors", state, {"ss_x": "1"})
+    sha, legacy, addnet = _expected(path.read_bytes())
+    h = hash_files([path], chunk_size=4096, addnet=False)
+    assert (h.sha256, h.legacy, h.addnet) == (sha, legacy, None)
+    with Checkpoint.open(path) as ck:
+        assert ck.reads == 0
+        ck.tensor("model.diffusion_model.input_blocks.1.1.proj_in.weight", rows=(0, 4))
+        assert ck.reads == 1
+        assert ck.hashes(addnet=False).addnet is None
+        assert ck.hashes().addnet == addnet  # asked for later: computed then
+        assert ck.hashes(addnet=False).addnet == addnet  # cached full result serves both

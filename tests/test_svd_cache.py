@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import pytest
@@ -187,3 +189,73 @@ def test_truncated_entry_is_recomputed(tmp_path):
     again = svd_cache.get_or_compute(w, 4, tmp_path, compute)
     assert len(calls) == 2 and torch.equal(first.u, again.u)
     assert torch.equal(svd_cache.get_or_compute(w, 4, tmp_path, compute).v, first.v) and len(calls) == 2
+
+
+# ---------------------------------------------------------------- content keys, tensor index, phi book
+
+
+def test_content_key_and_entry_key():
+    from sd_scripts_lorax.tensor_index import content_key
+
+    w = torch.randn(8, 6)
+    assert content_key(w) == content_key(w.clone())
+    others = [w.half(), w.reshape(6, 8), w + 1e-3, w.T.contiguous().T]
+    assert content_key(others[3]) == content_key(w)  # layout does not matter, the values do
+    assert len({content_key(w), *(content_key(o) for o in others[:3])}) == 4
+    assert svd_cache.cache_key(w, 4) == svd_cache.entry_key(content_key(w), 4)
+    assert svd_cache.entry_key(content_key(w), 4) != svd_cache.entry_key(content_key(w), 5)
+
+
+def test_lookup_and_store_by_content_key(tmp_path):
+    from sd_scripts_lorax.tensor_index import content_key
+
+    w = torch.randn(12, 10)
+    ck = content_key(w)
+    assert svd_cache.lookup(ck, (12, 10), 4, tmp_path) is None
+    b = top_bases(w, 4)
+    svd_cache.store(ck, 4, b, tmp_path)
+    got = svd_cache.lookup(ck, (12, 10), 4, tmp_path)
+    assert torch.equal(got.u, b.u) and torch.equal(got.s, b.s) and torch.equal(got.v, b.v)
+    assert svd_cache.lookup(ck, (12, 11), 4, tmp_path) is None  # shapes must fit
+    # the weight-keyed API finds the same entry
+    assert torch.equal(svd_cache.get_or_compute(w, 4, tmp_path, lambda: None).u, b.u)
+
+
+def test_tensor_index_round_trip_stale_and_corrupt(tmp_path):
+    from sd_scripts_lorax.tensor_index import INDEX_DIR, TensorIndex
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"x" * 100)
+    cache = tmp_path / "cache"
+    idx = TensorIndex.load(cache, model)
+    assert idx.get("k") is None
+    idx.put("k", None, "a" * 64)
+    idx.put("k", (0, 4), "b" * 64)
+    idx.save()
+    again = TensorIndex.load(cache, model)
+    assert again.get("k") == "a" * 64 and again.get("k", (0, 4)) == "b" * 64 and again.get("k", (4, 8)) is None
+    (file,) = (cache / INDEX_DIR).iterdir()
+    doc = json.loads(file.read_text())
+    doc["tensors"]["k"]["finite"] = False  # a damaged entry is dropped, the others kept
+    file.write_text(json.dumps(doc))
+    idx2 = TensorIndex.load(cache, model)
+    assert idx2.get("k") is None and idx2.get("k", (0, 4)) == "b" * 64
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file: a fresh index
+    assert len(TensorIndex.load(cache, model)) == 0
+    file.write_text("{broken")
+    assert len(TensorIndex.load(cache, model)) == 0
+    assert len(TensorIndex.load(None, model)) == 0
+
+
+def test_phi_book_round_trip_and_corrupt(tmp_path):
+    from sd_scripts_lorax.phi_cache import PHI_FILE, PhiBook, phi_key
+
+    k = phi_key("a" * 64, "b" * 64, 4, 8, "auto", "v")
+    assert k != phi_key("a" * 64, "b" * 64, 4, 4, "auto", "v") != phi_key("b" * 64, "a" * 64, 4, 8, "auto", "v")
+    book = PhiBook.load(tmp_path)
+    book.put(k, 0.1 + 0.2, 1.0 / 3.0)
+    book.save()
+    assert PhiBook.load(tmp_path).get(k) == (0.1 + 0.2, 1.0 / 3.0)  # floats round-trip exactly
+    (tmp_path / PHI_FILE).write_text("[1, 2")
+    assert PhiBook.load(tmp_path).get(k) is None

@@ -92,7 +92,9 @@ def test_heatmap_grid_and_png(tmp_path):
 
 # ================================================================ the pipeline on tiny fixtures
 
+import contextlib
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -499,3 +501,127 @@ def test_lorax_input_gives_source_bases_without_source_svd(tmp_path, tiny_sd1_si
             exact = top_bases(w_s, m.rank, "exact")
             claimed += int(float((cached.u @ cached.u.T - exact.u @ exact.u.T).norm()) < 1e-4)
     assert claimed > 50  # most tiny modules have a gap at r=4, and their bases came from the file
+
+
+# ================================================================ speed paths: threads, tensor index, phi cache
+
+
+def _doc(report: Path) -> dict:
+    """A JSON report without the output path (runs compared here write to different files)."""
+    doc = json.loads(report.read_text())
+    doc["summary"].pop("output")
+    return doc
+
+
+def _run(lora, src, tgt, out, cache, report, **kw):
+    return transfer(lora, src, tgt, out, threshold=0.0, svd_cache_dir=cache, report_path=report, overwrite=True,
+                    progress=False, **kw)
+
+
+@pytest.mark.parametrize("match", ["name", "similarity"])
+def test_parallel_and_serial_give_identical_bytes(tmp_path, tiny_sd1_single, tiny_sd1_single_derived, match):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet", "te"))
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            d = tmp_path / f"t{threads}"
+            _run(lora, tiny_sd1_single, tiny_sd1_single_derived, d.with_suffix(".safetensors"), d, d.with_suffix(".json"),
+                 match=match)
+            assert _doc(d.with_suffix(".json"))["summary"]["modules"] > 100
+            assert torch.get_num_threads() == threads  # restored after the pool
+        finally:
+            torch.set_num_threads(1)
+        outs.append((d.with_suffix(".safetensors").read_bytes(), _doc(d.with_suffix(".json")),
+                     sorted(p.name for p in d.glob("*.safetensors"))))
+    assert outs[0] == outs[1]
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    count = [0]
+    real = Checkpoint.tensor
+
+    def counting(self, key, rows=None):
+        count[0] += 1
+        return real(self, key, rows)
+
+    monkeypatch.setattr(Checkpoint, "tensor", counting)
+    return count
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_warm_run_reads_no_checkpoint_tensor(tmp_path, monkeypatch, tiny_sd1_single, tiny_sd1_single_derived, plain):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", plain=plain, parts=("unet", "te"))
+    cache, out, rep_json = tmp_path / "cache", tmp_path / "out.safetensors", tmp_path / "r.json"
+    reads = _count_reads(monkeypatch)
+    with pytest.warns(UserWarning) if plain else contextlib.nullcontext():
+        _run(lora, tiny_sd1_single, tiny_sd1_single_derived, out, cache, rep_json)
+    cold_reads, cold = reads[0], (out.read_bytes(), rep_json.read_bytes())
+    assert cold_reads > 0 and (cache / "tensor_index").is_dir() and (cache / "similarity.json").is_file()
+    with pytest.warns(UserWarning) if plain else contextlib.nullcontext():
+        _run(lora, tiny_sd1_single, tiny_sd1_single_derived, out, cache, rep_json)
+    assert reads[0] == cold_reads  # the warm run read no checkpoint tensor
+    assert (out.read_bytes(), rep_json.read_bytes()) == cold
+    # and the same as without any cache at all
+    with pytest.warns(UserWarning) if plain else contextlib.nullcontext():
+        _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "nc.safetensors", None, tmp_path / "nc.json")
+    assert (tmp_path / "nc.safetensors").read_bytes() == cold[0]
+    assert _doc(tmp_path / "nc.json") == _doc(rep_json)
+
+
+def test_rewritten_checkpoint_is_not_served_stale_entries(tmp_path, tiny_sd1_single):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet",))
+    tgt = derive_fixture(tiny_sd1_single, tmp_path / "tgt.safetensors", 0.05, 7, keep_text_encoder=True)
+    cache = tmp_path / "cache"
+    _run(lora, tiny_sd1_single, tgt, tmp_path / "a.safetensors", cache, None)
+    # new weights under the same name (its mtime moves, as any rewrite's does)
+    st = tgt.stat()
+    derive_fixture(tiny_sd1_single, tgt, 0.05, 8, keep_text_encoder=True, overwrite=True)
+    os.utime(tgt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _run(lora, tiny_sd1_single, tgt, tmp_path / "b.safetensors", cache, tmp_path / "b.json")
+    _run(lora, tiny_sd1_single, tgt, tmp_path / "c.safetensors", None, tmp_path / "c.json")
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    assert _doc(tmp_path / "b.json") == _doc(tmp_path / "c.json")
+    assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_corrupt_index_phi_book_and_entries_are_recomputed(tmp_path, monkeypatch, tiny_sd1_single,
+                                                          tiny_sd1_single_derived):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet",))
+    cache = tmp_path / "cache"
+    _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "a.safetensors", cache, tmp_path / "a.json")
+    for f in (cache / "tensor_index").iterdir():
+        f.write_text("{not json")
+    (cache / "similarity.json").write_text('{"format": "sd-scripts-lorax similarity v1", "phi": {"x": [2, "a"]}}')
+    for f in sorted(cache.glob("*.safetensors"))[::2]:
+        f.write_bytes(f.read_bytes()[:50])
+    reads = _count_reads(monkeypatch)
+    _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "b.safetensors", cache, tmp_path / "b.json")
+    assert reads[0] > 0  # the index was rebuilt by reading
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _doc(tmp_path / "a.json") == _doc(tmp_path / "b.json")
+
+
+def test_dry_run_hashes_nothing_and_metadata_hashes_need_no_addnet(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("te",))
+    cache = tmp_path / "cache"
+    transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, None, dry_run=True, svd_cache_dir=cache, progress=False)
+    assert not (cache / "model_hashes.json").exists()
+    out = tmp_path / "out.safetensors"
+    transfer(lora, tiny_sd1_single, tiny_sd1_single_derived, out, svd_cache_dir=cache, progress=False)
+    book = json.loads((cache / "model_hashes.json").read_text())
+    assert len(book) == 2 and all(v["addnet"] is None for v in book.values())
+    md = read_lora(out).metadata
+    with Checkpoint.open(tiny_sd1_single_derived) as t:
+        h = t.hashes()
+    assert md["lorax.target_model_hash"] == h.sha256 and md["ss_sd_model_hash"] == h.legacy
+
+
+def test_report_norm_agrees_with_float64_dense():
+    from sd_scripts_lorax.transfer import _delta_norm
+
+    g = torch.Generator().manual_seed(0)
+    for out_dim, n, r in ((320, 768, 32), (1280, 2880, 320), (64, 64, 4)):
+        up, down = torch.randn(out_dim, r, generator=g).half(), torch.randn(r, n, generator=g).half()
+        want = float(torch.linalg.norm(0.5 * up.double() @ down.double()))
+        assert _delta_norm(up, down, 0.5) == pytest.approx(want, rel=1e-5)
