@@ -3,7 +3,8 @@
 Streaming: only the weights the adapters touch are read, one module at a time, from both
 checkpoints. Per module:
 
-- identical stored weights (``torch.equal``) -> the adapter is copied as is, no SVD (reason "identical");
+- identical stored weights (equal content keys: sha256 of dtype, shape and bytes) -> the adapter is
+  copied as is, no SVD (reason "identical");
 - otherwise source bases (for the similarity) and target bases (for the projection) at the module's
   rank; several input LoRAs share one target SVD per module, taken at the largest rank any of them
   needs and sliced (the top-r of a top-R SVD are its first r columns). A LoRA-X input trained on this
@@ -12,6 +13,12 @@ checkpoints. Per module:
   serve only phi, and the SVD runs whenever the check fails (plain LoRAs, files of other bases);
 - phi = min(phi_U, phi_V) >= threshold -> ``up = U_t C``, ``down = V_t^T``, ``alpha = r`` with
   ``C = (U_t^T up_s)(down_s V_t)``: the output is itself a LoRA-X adapter of the target.
+
+Speed: the modules run on a pool of torch.get_num_threads() workers (one torch thread each, results
+applied in module order, so outputs, reports and caches equal a serial run's); the model hashes for
+the metadata run meanwhile on a background thread. With an SVD cache folder, a per-checkpoint tensor
+index (`tensor_index`), the bases (`svd_cache`, by content key) and the phi values (`phi_cache`) are
+remembered, so a warm run reads no checkpoint tensor: only the LoRA, the index and the target bases.
 
 Everything is validated before any output is written; outputs, reports and plots are written
 atomically, so a failure leaves nothing behind.
@@ -545,6 +552,7 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
 
 
 _HASHES_FILE = "model_hashes.json"
+_HASHES_LOCK = threading.Lock()  # the source's and the target's hashing threads update one book
 
 
 def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
@@ -565,18 +573,24 @@ def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
         pass
     h = ckpt.hashes(addnet=False)
     try:
-        try:
-            book = json.loads(book_path.read_text())
-            book = book if isinstance(book, dict) else {}
-        except (OSError, ValueError):
-            book = {}
-        book[key] = {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(book_path) as tmp:
-            tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
+        with _HASHES_LOCK:
+            _remember_hashes(book_path, key, h)
     except OSError:  # a cache that cannot be written costs time, never the result
         pass
     return h
+
+
+def _remember_hashes(book_path: Path, key: str, h: "FileHashes") -> None:
+    """Add one checkpoint's hashes to the book (read, update, atomic rewrite)."""
+    try:
+        book = json.loads(book_path.read_text())
+        book = book if isinstance(book, dict) else {}
+    except (OSError, ValueError):
+        book = {}
+    book[key] = {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
+    book_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(book_path) as tmp:
+        tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
 
 
 class _Background:
@@ -603,9 +617,17 @@ class _Background:
         return self._value
 
 
-def _both_hashes(src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> tuple["FileHashes", "FileHashes"]:
-    s = model_hashes(src, cache_dir)
-    return s, (s if src.path.resolve() == tgt.path.resolve() else model_hashes(tgt, cache_dir))
+class _ModelHashes:
+    """The source's and the target's model hashes, each on its own background thread (hashlib and
+    file reads release the GIL, so they use cores the module work leaves idle, e.g. at its tail)."""
+
+    def __init__(self, src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> None:
+        self._src = _Background(lambda: model_hashes(src, cache_dir))
+        same = src.path.resolve() == tgt.path.resolve()
+        self._tgt = self._src if same else _Background(lambda: model_hashes(tgt, cache_dir))
+
+    def result(self) -> tuple["FileHashes", "FileHashes"]:
+        return self._src.result(), self._tgt.result()
 
 
 def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float,
@@ -735,7 +757,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
             cache_dir = prepare_dir(svd_cache_dir)
         # the metadata's model hashes (seconds for GB files, unless remembered) overlap the module work;
         # a dry run writes no metadata and hashes nothing
-        hashing = None if dry_run else _Background(lambda: _both_hashes(src, tgt, cache_dir))
+        hashing = None if dry_run else _ModelHashes(src, tgt, cache_dir)
         s_index = TensorIndex.load(cache_dir, src.path)
         same = src.path.resolve() == tgt.path.resolve()
         t_index = s_index if same else TensorIndex.load(cache_dir, tgt.path)
