@@ -47,7 +47,7 @@ from .finite import all_finite
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
 from .lorax.bases import METHOD_VERSION, bases_from_claimed_v
 from .lorax.similarity import Similarity
-from .phi_cache import PhiBook, phi_key
+from .phi_cache import FloatBook, load_norm_book, load_phi_book, norm_key, phi_key
 from .tensor_index import TensorIndex, content_key, stat_key
 from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
                               TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
@@ -254,7 +254,8 @@ class _Engine:
     src: _Weights
     tgt: _Weights
     cache_dir: Path | None
-    phi: "PhiBook"
+    phi: FloatBook
+    norms: FloatBook
     device: torch.device
     dtype: torch.dtype
     threshold: float
@@ -322,6 +323,7 @@ class _Job:
     lora: "LoraFile"
     report: TransferReport
     plain: bool
+    stat: str = ""   # the LoRA file's tensor_index.stat_key: keys its remembered module norms
     out: dict[str, "LoraModule"] = field(default_factory=dict)
 
 
@@ -342,6 +344,18 @@ def _module_rank(mod: "LoraModule", shape: tuple[int, ...]) -> int:
 
 def _scale(mod: "LoraModule") -> float:
     return float(mod.alpha) / int(mod.down.shape[0]) if mod.alpha is not None else 1.0
+
+
+def _source_norm(eng: _Engine, job: _Job, name: str) -> float:
+    """||dW||_F of the input's module `name` from the norm book, else from its factors (then remembered)."""
+    key = norm_key(job.stat, name)
+    hit = eng.norms.get(key)
+    if hit is not None:
+        return hit[0]
+    mod = job.lora.modules[name]
+    norm = _delta_norm(mod.up.to(eng.device), mod.down.to(eng.device), _scale(mod))
+    eng.norms.put(key, norm)
+    return norm
 
 
 def _similarity(eng: _Engine, key: str, bs: Bases | None, bt: Bases, r: int) -> Similarity:
@@ -365,7 +379,7 @@ def _project(eng: _Engine, job: _Job, src_name: str, out_name: str, shape: tuple
     bt_r = slice_bases(bt, r)
     up, down = mod.up.to(eng.device), mod.down.to(eng.device)
     scale = _scale(mod)
-    norm_s = _delta_norm(up, down, scale)
+    norm_s = _source_norm(eng, job, src_name)
     dtype = eng.dtype
     up_t, down_t = project_factors(up.to(dtype), down.to(dtype), bt_r.u.to(dtype), bt_r.v.to(dtype), scale=scale)
     norm_t = float(torch.linalg.vector_norm(up_t.to(torch.float32)))  # ||U_t C||_F = ||C||_F
@@ -380,17 +394,17 @@ def _project(eng: _Engine, job: _Job, src_name: str, out_name: str, shape: tuple
     return job, res, (LoraModule(name=out_name, down=down_t.cpu(), up=up_t.cpu(), alpha=float(r)) if kept else None)
 
 
-def _copy_identical(job: _Job, name: str, shape: tuple[int, ...]) -> _Outcome:
+def _copy_identical(eng: _Engine, job: _Job, name: str, shape: tuple[int, ...]) -> _Outcome:
     mod = job.lora.modules[name]
-    norm = _delta_norm(mod.up, mod.down, _scale(mod))
+    norm = _source_norm(eng, job, name)
     return job, ModuleResult(
         name=name, shape=tuple(shape), rank=int(mod.down.shape[0]), transferred=True, reason=IDENTICAL,
         phi_u=1.0, phi_v=1.0, source=name, norm_source=norm, norm_target=norm), mod
 
 
-def _drop(job: _Job, name: str, shape: tuple[int, ...] | None, reason: str, source: str | None = None) -> _Outcome:
-    mod = job.lora.modules.get(source or name)
-    norm = _delta_norm(mod.up, mod.down, _scale(mod)) if mod is not None else None
+def _drop(eng: _Engine, job: _Job, name: str, shape: tuple[int, ...] | None, reason: str,
+          source: str | None = None) -> _Outcome:
+    norm = _source_norm(eng, job, source or name) if (source or name) in job.lora.modules else None
     return job, ModuleResult(
         name=name, shape=tuple(shape or ()), rank=0, transferred=False, reason=reason, source=source or name,
         norm_source=norm, norm_target=0.0 if norm is not None else None), None
@@ -452,16 +466,16 @@ def _run_name_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str], prog
         users = [j for j in jobs if name in j.lora.modules]
         s_ref = s_refs[name]
         if _filtered(name, filters):
-            return [_drop(j, name, s_ref.shape, FILTERED) for j in users]
+            return [_drop(eng, j, name, s_ref.shape, FILTERED) for j in users]
         t_ref = t_refs.get(name)
         if t_ref is None:
-            return [_drop(j, name, s_ref.shape, MISSING_IN_TARGET) for j in users]
+            return [_drop(eng, j, name, s_ref.shape, MISSING_IN_TARGET) for j in users]
         if tuple(t_ref.shape) != tuple(s_ref.shape):
-            return [_drop(j, name, t_ref.shape, SHAPE_MISMATCH) for j in users]
+            return [_drop(eng, j, name, t_ref.shape, SHAPE_MISMATCH) for j in users]
         shape = tuple(s_ref.shape)
         s, t = _Side(eng.src, s_ref), _Side(eng.tgt, t_ref)
         if s.content == t.content:  # equal content keys: bit-identical weights of one dtype
-            return [_copy_identical(j, name, shape) for j in users]
+            return [_copy_identical(eng, j, name, shape) for j in users]
         rank = max(_module_rank(j.lora.modules[name], shape) for j in users)
         claimed = _claimed_v(users, name, rank)
         s_method = CLAIMED_METHOD if claimed is not None else "auto"
@@ -493,7 +507,7 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
 
     touched = sorted({n for j in jobs for n in j.lora.modules if not _filtered(n, filters)})
     for j in jobs:
-        _apply(_drop(j, n, s_refs[n].shape, FILTERED) for n in sorted(j.lora.modules) if _filtered(n, filters))
+        _apply(_drop(eng, j, n, s_refs[n].shape, FILTERED) for n in sorted(j.lora.modules) if _filtered(n, filters))
     by_kind: dict[tuple, list[str]] = {}
     for n in touched:
         by_kind.setdefault(kind(n, s_refs[n].shape), []).append(n)
@@ -527,7 +541,7 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
             if bt is None:
                 for j in jobs:
                     if t_name in j.lora.modules:
-                        _apply([_copy_identical(j, t_name, shape)])
+                        _apply([_copy_identical(eng, j, t_name, shape)])
                         paired[id(j)].add(t_name)
                 continue
             for j in jobs:
@@ -544,7 +558,7 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
                 _apply([_project(eng, j, best, t_name, shape, best_sim, bt, source_bases(best))])
                 paired[id(j)].add(best)
     for j in jobs:
-        _apply(_drop(j, n, s_refs[n].shape, MISSING_IN_TARGET) for n in sorted(j.lora.modules)
+        _apply(_drop(eng, j, n, s_refs[n].shape, MISSING_IN_TARGET) for n in sorted(j.lora.modules)
                if n not in paired[id(j)] and not _filtered(n, filters))
 
 
@@ -748,7 +762,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
             rep = TransferReport(lora=str(p), source_model=src.name, target_model=tgt.name,
                                  threshold=float(threshold), match=match, is_lorax=not plain,
                                  output=str(o) if o is not None else None)
-            jobs.append(_Job(path=p, lora=f, report=rep, plain=plain))
+            jobs.append(_Job(path=p, lora=f, report=rep, plain=plain, stat=stat_key(p)))
 
         cache_dir = None
         if svd_cache_dir is not None:
@@ -762,13 +776,14 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
         same = src.path.resolve() == tgt.path.resolve()
         t_index = s_index if same else TensorIndex.load(cache_dir, tgt.path)
         eng = _Engine(src=_Weights(src, s_index), tgt=_Weights(tgt, t_index), cache_dir=cache_dir,
-                      phi=PhiBook.load(cache_dir), device=dev, dtype=PRECISIONS[precision],
+                      phi=load_phi_book(cache_dir), norms=load_norm_book(cache_dir), device=dev, dtype=PRECISIONS[precision],
                       threshold=float(threshold))
         run = _run_name_match if match == "name" else _run_similarity_match
         run(jobs, eng, filters, progress)
         for index in (eng.src.index, eng.tgt.index):
             index.save()
         eng.phi.save()
+        eng.norms.save()
 
         if not dry_run:
             from .lora_file import write_lora

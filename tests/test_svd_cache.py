@@ -248,14 +248,24 @@ def test_tensor_index_round_trip_stale_and_corrupt(tmp_path):
     assert len(TensorIndex.load(None, model)) == 0
 
 
-def test_phi_book_round_trip_and_corrupt(tmp_path):
-    from sd_scripts_lorax.phi_cache import PHI_FILE, PhiBook, phi_key
+def test_phi_and_norm_books_round_trip_and_corrupt(tmp_path):
+    from sd_scripts_lorax.phi_cache import PHI_FILE, load_norm_book, load_phi_book, norm_key, phi_key
 
     k = phi_key("a" * 64, "b" * 64, 4, 8, "auto", "v")
     assert k != phi_key("a" * 64, "b" * 64, 4, 4, "auto", "v") != phi_key("b" * 64, "a" * 64, 4, 8, "auto", "v")
-    book = PhiBook.load(tmp_path)
+    book = load_phi_book(tmp_path)
     book.put(k, 0.1 + 0.2, 1.0 / 3.0)
+    book.put("bad", 0.5, 1.5)
     book.save()
-    assert PhiBook.load(tmp_path).get(k) == (0.1 + 0.2, 1.0 / 3.0)  # floats round-trip exactly
+    again = load_phi_book(tmp_path)
+    assert again.get(k) == (0.1 + 0.2, 1.0 / 3.0)  # floats round-trip exactly
+    assert again.get("bad") is None  # phi > 1 is not a phi: dropped on reading
+    norms = load_norm_book(tmp_path)
+    nk = norm_key("stat", "lora_unet_x")
+    assert nk != norm_key("stat2", "lora_unet_x")
+    norms.put(nk, 12.5)
+    norms.save()
+    assert load_norm_book(tmp_path).get(nk) == (12.5,) and load_phi_book(tmp_path).get(nk) is None
     (tmp_path / PHI_FILE).write_text("[1, 2")
-    assert PhiBook.load(tmp_path).get(k) is None
+    assert load_phi_book(tmp_path).get(k) is None
+    assert load_phi_book(None).get(k) is None

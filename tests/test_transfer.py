@@ -558,6 +558,7 @@ def test_warm_run_reads_no_checkpoint_tensor(tmp_path, monkeypatch, tiny_sd1_sin
         _run(lora, tiny_sd1_single, tiny_sd1_single_derived, out, cache, rep_json)
     cold_reads, cold = reads[0], (out.read_bytes(), rep_json.read_bytes())
     assert cold_reads > 0 and (cache / "tensor_index").is_dir() and (cache / "similarity.json").is_file()
+    assert (cache / "adapter_norms.json").is_file()
     with pytest.warns(UserWarning) if plain else contextlib.nullcontext():
         _run(lora, tiny_sd1_single, tiny_sd1_single_derived, out, cache, rep_json)
     assert reads[0] == cold_reads  # the warm run read no checkpoint tensor
