@@ -626,3 +626,22 @@ def test_report_norm_agrees_with_float64_dense():
         up, down = torch.randn(out_dim, r, generator=g).half(), torch.randn(r, n, generator=g).half()
         want = float(torch.linalg.norm(0.5 * up.double() @ down.double()))
         assert _delta_norm(up, down, 0.5) == pytest.approx(want, rel=1e-5)
+
+
+def test_nan_written_into_a_cached_target_is_still_refused(tmp_path, tiny_sd1_single):
+    """A warm index stands only for the bytes it saw: a rewritten file is read and checked again."""
+    lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet",))
+    tgt = derive_fixture(tiny_sd1_single, tmp_path / "tgt.safetensors", 0.05, 7, keep_text_encoder=True)
+    cache = tmp_path / "cache"
+    _run(lora, tiny_sd1_single, tgt, tmp_path / "a.safetensors", cache, None)
+    with Checkpoint.open(tgt) as c:
+        key = c.modules()[sorted(read_lora(lora).modules)[3]].key
+    with safe_open(str(tgt), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state[key].view(-1)[5] = float("nan")
+    st = tgt.stat()
+    save_file(state, str(tgt))
+    os.utime(tgt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(LoraxInputError, match="NaN"):
+        _run(lora, tiny_sd1_single, tgt, tmp_path / "b.safetensors", cache, None)
+    assert not (tmp_path / "b.safetensors").exists()
