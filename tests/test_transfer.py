@@ -519,7 +519,8 @@ def _run(lora, src, tgt, out, cache, report, **kw):
 
 
 @pytest.mark.parametrize("match", ["name", "similarity"])
-def test_parallel_and_serial_give_identical_bytes(tmp_path, tiny_sd1_single, tiny_sd1_single_derived, match):
+def test_parallel_and_serial_give_identical_bytes(tmp_path, monkeypatch, tiny_sd1_single, tiny_sd1_single_derived,
+                                                  match):
     lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet", "te"))
     outs = []
     for threads in (1, 2):
@@ -535,6 +536,12 @@ def test_parallel_and_serial_give_identical_bytes(tmp_path, tiny_sd1_single, tin
         outs.append((d.with_suffix(".safetensors").read_bytes(), _doc(d.with_suffix(".json")),
                      sorted(p.name for p in d.glob("*.safetensors"))))
     assert outs[0] == outs[1]
+    # warm (either match mode): no checkpoint tensor read, same bytes
+    reads = _count_reads(monkeypatch)
+    d = tmp_path / "t2"
+    _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "w.safetensors", d, tmp_path / "w.json", match=match)
+    assert reads[0] == 0
+    assert (tmp_path / "w.safetensors").read_bytes() == outs[1][0] and _doc(tmp_path / "w.json") == outs[1][1]
 
 
 def _count_reads(monkeypatch) -> list[int]:
