@@ -41,6 +41,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..finite import all_finite
+
 METHODS = ("auto", "exact", "gram", "randomized")
 # Part of the SVD cache key: bump when the numbers a method returns change.
 METHOD_VERSION = "bases-v2"
@@ -133,7 +135,7 @@ def _check_rank(rank: int) -> int:
 
 
 def _check_finite(w: Tensor) -> None:
-    if torch.isfinite(w).all():
+    if all_finite(w):
         return
     what = "NaN" if torch.isnan(w).any() else "Inf"
     raise ValueError(f"top_bases: weight of shape {tuple(w.shape[1:])} contains {what}")
@@ -163,12 +165,18 @@ def _exact(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     return u[..., :r], s[..., :r], vh[..., :r, :].transpose(-2, -1)
 
 
-def _orthonormal_factor(wt_x: Tensor) -> Tensor:
-    """Orthonormal columns spanning wt_x's columns, in order, with R's diagonal made positive.
+def _orthonormal_factor(wt_x: Tensor, s: Tensor) -> Tensor:
+    """Orthonormal columns spanning wt_x's columns, in order: each column normalised, or a QR where
+    that is unsafe.
 
-    wt_x = W^T U (or W V) has orthogonal columns of norms s; QR normalises them and, where s is
-    zero, completes them to an orthonormal set instead of dividing by zero.
+    wt_x = W^T U (or W V) has orthogonal columns of norms s (float64); their inner products are off by
+    ~1e-16 s_max^2, so normalised columns are orthonormal to ~1e-16 (s_max / s_i)^2: used when every
+    s_i >= 1e-4 s_max (error <= 1e-8, and no QR to pay). Otherwise a QR (R's diagonal made positive,
+    the same normalisation) completes the columns where s is zero instead of dividing by it.
     """
+    s_max = s.amax(dim=-1, keepdim=True)
+    if bool((s_max > 0).all()) and bool((s >= 1e-4 * s_max).all()):
+        return wt_x / torch.linalg.vector_norm(wt_x, dim=-2, keepdim=True)
     with serial_lapack(wt_x):
         q, rr = torch.linalg.qr(wt_x)
     diag = torch.diagonal(rr, dim1=-2, dim2=-1)
@@ -190,10 +198,10 @@ def _gram(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     s = evals.clamp_min(0).sqrt()
     if small_side_is_u:
         u = evecs
-        v = _orthonormal_factor(wt @ u)
+        v = _orthonormal_factor(wt @ u, s)
     else:
         v = evecs
-        u = _orthonormal_factor(w64 @ v)
+        u = _orthonormal_factor(w64 @ v, s)
     return u, s, v
 
 
@@ -313,48 +321,51 @@ def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
     energy than the smallest Ritz value, i.e. it is the TOP invariant subspace. The result is as
     accurate as the claim (about the storage rounding of `down`): good for similarities phi, not a
     replacement for `top_bases` where a projection needs 1e-4 (the transfer uses it only for phi).
+    So the products with W run in float32 (their rounding, ~1e-6, is far below the tolerance and the
+    claim's own rounding); only the r x r problems are float64.
     """
     if w.dim() not in (2, 4) or v_claimed.dim() != 2:
         return None
-    w64 = w.reshape(w.shape[0], -1).to(torch.float64)
-    out, n = w64.shape
+    w32 = w.reshape(w.shape[0], -1).to(torch.float32)
+    out, n = w32.shape
     r = v_claimed.shape[1]
     if v_claimed.shape[0] != n or not 0 < r < min(out, n):
         return None
-    v = v_claimed.to(device=w64.device, dtype=torch.float64)
-    if not bool(torch.isfinite(v).all()) or not bool(torch.isfinite(w64).all()):
+    v = v_claimed.to(device=w32.device, dtype=torch.float32)
+    if not all_finite(v) or not all_finite(w32):
         return None
-    eye = torch.eye(r, dtype=torch.float64, device=v.device)
-    if float((v.T @ v - eye).abs().max()) > CLAIMED_RESIDUAL_TOL:
+    gram_v = (v.T @ v).to(torch.float64)
+    if float((gram_v - torch.eye(r, dtype=torch.float64, device=v.device)).abs().max()) > CLAIMED_RESIDUAL_TOL:
         return None
     with serial_lapack(v):
         v = torch.linalg.qr(v)[0]
-    y = w64 @ v                      # (out, r)
-    z = w64.T @ y                    # (n, r) = W^T W V
+    y = w32 @ v                      # (out, r)
+    z = w32.T @ y                    # (n, r) = W^T W V
     with serial_lapack(v):
-        lam, c = torch.linalg.eigh(y.T @ y)   # ascending Ritz values of W^T W on span(V)
+        lam, c = torch.linalg.eigh((y.T @ y).to(torch.float64))   # ascending Ritz values of W^T W on span(V)
     lam, c = lam.flip(-1), c.flip(-1)
     if float(lam[-1]) <= 1e-12 * max(float(lam[0]), 1e-300):
         return None                  # (nearly) rank-deficient on the span: let top_bases decide
-    vr = v @ c
-    resid = z @ c - vr * lam
+    c32 = c.to(torch.float32)
+    vr = v @ c32
+    resid = z @ c32 - vr * lam.to(torch.float32)
     if float(torch.linalg.norm(resid)) > CLAIMED_RESIDUAL_TOL * float(torch.linalg.norm(lam)):
         return None
-    probe = _test_matrix(1, n, _PROBE_COLUMNS, w64.device)[0].to(torch.float64)
+    probe = _test_matrix(1, n, _PROBE_COLUMNS, w32.device)[0]
     for _ in range(_PROBE_ITERS):
         probe = probe - vr @ (vr.T @ probe)
         with serial_lapack(probe):
             probe = torch.linalg.qr(probe)[0]
-        probe = w64.T @ (w64 @ probe)
+        probe = w32.T @ (w32 @ probe)
     probe = probe - vr @ (vr.T @ probe)
     with serial_lapack(probe):
         probe = torch.linalg.qr(probe)[0]
-        wp = w64 @ probe
+        wp = (w32 @ probe).to(torch.float64)
         # block Rayleigh-Ritz: a lower bound of the largest eigenvalue of W^T W outside the span
         top_rest = float(torch.linalg.eigvalsh(wp.T @ wp)[-1])
     if top_rest > float(lam[-1]):
         return None                  # some direction outside the span beats the claimed r-th one
     s = lam.sqrt()
-    u = (y @ c) / s
-    u, vr = _fix_signs(u, vr)
+    u = (y.to(torch.float64) @ c) / s
+    u, vr = _fix_signs(u, vr.to(torch.float64))
     return Bases(u.to(torch.float32).contiguous(), s.to(torch.float32).contiguous(), vr.to(torch.float32).contiguous())
