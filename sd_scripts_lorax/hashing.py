@@ -111,22 +111,75 @@ def hash_bytes(data: bytes) -> FileHashes:
     return hasher.result()
 
 
+class KohyaHasher:
+    """kohya's `(sshs_model_hash, sshs_legacy_hash)` from the data section alone, fed in order.
+
+    `data_start` is where the data begins in kohya's buffer (its header length + 8); the header
+    bytes themselves are not needed as long as the legacy window (64 KiB at 1 MiB) lies in the data,
+    i.e. `data_start <= LEGACY_OFFSET` (the caller checks `covers`).
+    """
+
+    def __init__(self, data_start: int) -> None:
+        self._model = hashlib.sha256()
+        self._legacy = hashlib.sha256()
+        self._lo = LEGACY_OFFSET - data_start  # the legacy window in data-section coordinates
+        self._pos = 0
+
+    @staticmethod
+    def covers(data_start: int) -> bool:
+        """True when the legacy window does not reach into a header ending at `data_start`."""
+        return data_start <= LEGACY_OFFSET
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        """Hash the next bytes of the data section."""
+        chunk = memoryview(chunk)
+        start, end = self._pos, self._pos + len(chunk)
+        self._model.update(chunk)
+        lo, hi = max(start, self._lo), min(end, self._lo + LEGACY_LENGTH)
+        if lo < hi:
+            self._legacy.update(chunk[lo - start:hi - start])
+        self._pos = end
+
+    def result(self) -> tuple[str, str]:
+        """`(sshs_model_hash, sshs_legacy_hash)`."""
+        return self._model.hexdigest(), self._legacy.hexdigest()[:8]
+
+
+def ss_only(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """The metadata kohya serialises before hashing: the `ss_*` keys only."""
+    return {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
+
+
 def precalculate_safetensors_hashes(tensors: Mapping[str, "torch.Tensor"],
                                     metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
     """`(sshs_model_hash, sshs_legacy_hash)` for a state dict about to be saved, as kohya defines them.
 
     kohya serialises the tensors with only the `ss_*` metadata (not the final metadata, which will
     hold the hashes themselves) and hashes that buffer: the bytes after the header, and the 64 KiB
-    at 1 MiB of the whole buffer.
+    at 1 MiB of the whole buffer. Float CPU tensors are hashed in place from the library's layout
+    (no serialisation); anything else, or a header reaching past 1 MiB, is serialised by the library.
     """
+    from . import safetensors_io
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = ss_only(metadata)
+    lay = safetensors_io.layout(tensors)
+    if lay is not None:
+        try:
+            data_start = safetensors_io.library_header_length(lay, meta)
+        except UnicodeEncodeError:
+            data_start = LEGACY_OFFSET + 1  # let the library decide
+        if KohyaHasher.covers(data_start):
+            hasher = KohyaHasher(data_start)
+            for chunk in safetensors_io.iter_chunks(lay):
+                hasher.update(chunk)
+            return hasher.result()
     from safetensors.torch import save
 
-    ss_only = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
-    buffer = save({k: v.contiguous() for k, v in tensors.items()}, metadata=ss_only)
-    hashes = hash_bytes(buffer)
+    hashes = hash_bytes(save(tensors, metadata=meta))
     assert hashes.addnet is not None  # safetensors' own output always has a valid header
     return hashes.addnet, hashes.legacy
 
 
 __all__ = ["FileHashes", "StreamHasher", "hash_file", "hash_files", "hash_bytes",
-           "precalculate_safetensors_hashes", "LEGACY_OFFSET", "LEGACY_LENGTH"]
+           "precalculate_safetensors_hashes", "KohyaHasher", "ss_only", "LEGACY_OFFSET", "LEGACY_LENGTH"]

@@ -19,10 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import FORMAT_VERSION
+from . import FORMAT_VERSION, safetensors_io
 from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
-from .hashing import precalculate_safetensors_hashes
+from .finite import all_finite
+from .hashing import KohyaHasher, precalculate_safetensors_hashes, ss_only
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 SUFFIXES = (DOWN, UP, ALPHA)
@@ -86,6 +87,12 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if header_len > size - 8:
         raise LoraxInputError(f"{path}: not a safetensors file, or truncated (header says {header_len} bytes, "
                               f"file has {size})")
+    try:
+        return safetensors_io.read_file(path)
+    except safetensors_io.FormatError as exc:
+        raise LoraxInputError(f"{path}: truncated or corrupt safetensors file ({str(exc).splitlines()[0][:160]})") from None
+    except safetensors_io.UnsupportedError:
+        pass  # e.g. an unusual dtype: the library reads it (whole-file copy, rare)
     data = path.read_bytes()
     try:
         header = json.loads(data[8:8 + header_len])
@@ -111,7 +118,7 @@ def _unknown_key_error(path: Path, unknown: Sequence[str]) -> LoraxInputError:
 
 
 def _check_finite(path: Path, key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not all_finite(t):
         what = "NaN" if torch.isnan(t).any() else "Inf"
         raise LoraxInputError(f"{path}: {key} {tuple(t.shape)} contains {what}")
 
@@ -193,7 +200,7 @@ def _state_dict(path: Path, modules: Iterable[LoraModule], dtype: torch.dtype | 
         down = m.down.detach().to("cpu", save_dtype).contiguous()
         up = m.up.detach().to("cpu", save_dtype).contiguous()
         for suffix, t in ((DOWN, down), (UP, up)):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise LoraxInputError(f"{path}: module {m.name} {suffix} {tuple(t.shape)} has NaN/Inf "
                                       f"(in {save_dtype})")
         sd[f"{m.name}.{DOWN}"] = down
@@ -208,7 +215,8 @@ def _canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mappin
     """safetensors bytes with the header's JSON keys sorted, so equal inputs give equal bytes.
 
     The safetensors library writes `__metadata__` in hash-map order (different per process);
-    readers locate tensors by offsets, so re-ordering the JSON object is safe.
+    readers locate tensors by offsets, so re-ordering the JSON object is safe. The slow path, for
+    what `safetensors_io.layout` does not handle.
     """
     raw = st_save(dict(tensors), metadata=dict(metadata))
     n = int.from_bytes(raw[:8], "little")
@@ -218,6 +226,38 @@ def _canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mappin
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
     return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
+def _with_hashes(metadata: Mapping[str, str], model_hash: str, legacy_hash: str) -> dict[str, str]:
+    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+
+
+def _write_safetensors(tmp: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write `sd` with `metadata` plus kohya's hashes to `tmp`: the same bytes as `_canonical_safetensors`.
+
+    One pass over the tensors, no serialisation buffer: the data section goes straight from tensor
+    memory to the file after room for the header, hashed on the way (the kohya hashes cover only
+    the data and, via the header length, the `ss_*` metadata); the header is written last. Hex
+    digests have fixed lengths, so a header with placeholder hashes has the final length.
+    """
+    lay = safetensors_io.layout(sd)
+    try:
+        data_start = None if lay is None else safetensors_io.library_header_length(lay, ss_only(metadata))
+    except UnicodeEncodeError:
+        data_start = None
+    if lay is None or data_start is None or not KohyaHasher.covers(data_start):
+        hashes = precalculate_safetensors_hashes(sd, metadata)
+        tmp.write_bytes(_canonical_safetensors(sd, _with_hashes(metadata, *hashes)))
+        return
+    header_len = len(safetensors_io.canonical_header(lay, _with_hashes(metadata, "0" * 64, "0" * 8)))
+    hasher = KohyaHasher(data_start)
+    with open(tmp, "wb", buffering=0) as fh:
+        fh.seek(header_len)
+        safetensors_io.write_data(fh, lay, hasher.update)
+        header = safetensors_io.canonical_header(lay, _with_hashes(metadata, *hasher.result()))
+        assert len(header) == header_len
+        fh.seek(0)
+        safetensors_io.write_all(fh, header)
 
 
 def write_lora(path: str | os.PathLike, modules: Iterable[LoraModule], metadata: Mapping[str, str],
@@ -238,9 +278,7 @@ def write_lora(path: str | os.PathLike, modules: Iterable[LoraModule], metadata:
         if path.suffix.lower() in (".pt", ".ckpt", ".pth"):
             torch.save(sd, tmp)
         else:
-            model_hash, legacy_hash = precalculate_safetensors_hashes(sd, metadata)
-            full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-            tmp.write_bytes(_canonical_safetensors(sd, full))
+            _write_safetensors(tmp, sd, metadata)
     return path
 
 

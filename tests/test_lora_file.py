@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_scripts_lorax import FORMAT_VERSION, lora_file
+from sd_scripts_lorax import FORMAT_VERSION, lora_file, safetensors_io
 from sd_scripts_lorax.errors import LoraxInputError
 from sd_scripts_lorax.lora_file import (LoraFile, LoraModule, is_lorax, lorax_metadata, minimum_kohya_metadata,
                                         read_lora, write_lora)
@@ -242,10 +242,11 @@ def test_write_refusals(tmp_path):
 def test_exception_mid_write_leaves_no_file(tmp_path, monkeypatch):
     path = tmp_path / "crash.safetensors"
 
-    def crash(tensors, metadata):
+    def crash(fh, lay, on_chunk=None):  # dies after part of the data section is on disk
+        fh.write(b"x" * 100)
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(lora_file, "_canonical_safetensors", crash)
+    monkeypatch.setattr(safetensors_io, "write_data", crash)
     with pytest.raises(KeyboardInterrupt):
         write_lora(path, modules(), META)
     assert list(tmp_path.iterdir()) == []
@@ -253,7 +254,7 @@ def test_exception_mid_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_lora(path, modules(), META)
     before = path.read_bytes()
-    monkeypatch.setattr(lora_file, "_canonical_safetensors", crash)
+    monkeypatch.setattr(safetensors_io, "write_data", crash)
     with pytest.raises(KeyboardInterrupt):
         write_lora(path, modules(1), META, overwrite=True)
     assert path.read_bytes() == before
