@@ -381,3 +381,145 @@ def test_diffusers_loads_file_as_kohya_lora(tmp_path, tiny_sd1, variant):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert (te_got - te_base).abs().max() > 1e-3
     assert torch.allclose(te_got, te_want, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- fast I/O: same bytes, no whole-file copies
+
+def _golden_cases():
+    m = modules(2)
+    mixed = [LoraModule(x.name, x.down.to(dt), x.up.to(dt), x.alpha)
+             for x, dt in zip(m, (torch.float16, torch.bfloat16, torch.float32, torch.float64))]
+    g = torch.Generator().manual_seed(1)
+    big = [LoraModule("lora_unet_x", torch.randn(64, 3000, generator=g), torch.randn(3000, 64, generator=g), 64.0),
+           LoraModule("lora_te_y", torch.randn(8, 700, generator=g).half(), torch.randn(700, 8, generator=g).half(), 3.0)]
+    return {
+        "plain": (modules(), META, {}),
+        "fp16": (modules(), META, {"dtype": torch.float16}),
+        "bf16_nometa": (modules(), {}, {"dtype": torch.bfloat16}),
+        "mixed": (mixed, {"ss_a": "é ünï \"q\" \\ \n\t\x01", "modelspec.title": "日本", "ss_b": ""}, {}),
+        "big": (big, {"ss_a": "1", "other": "2", "ss_tag_frequency": "x" * 5000}, {}),
+    }
+
+
+# sha256 of the files the previous implementation (safetensors.torch.save twice, header re-sorted) wrote
+_GOLDEN = {
+    "plain": "7fe0a281ebe74178d37030738fa6c8e79fc5cab4f94c4c4add6d5e2ceaa2e49e",
+    "fp16": "692eb58fc93df736f2f4e9da91d468a8db2b1ea7740662a55bf82ee046bdc711",
+    "bf16_nometa": "10b85a5f5cca165fe0b27123701aab07157d9654d014b2eb8078a7670efc885d",
+    "mixed": "d7854973bdcbd78ad27e55de317a471799bb43e0a59a7810c4ef83a13b219433",
+    "big": "cd659dd7cc576ef04704ff0ae3dd0a77954ac873f947564de3612f1d8b89333b",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GOLDEN))
+def test_bytes_identical_to_previous_writer(tmp_path, case, monkeypatch):
+    mods, meta, kw = _golden_cases()[case]
+    # the fast path must not serialise through the library at all
+    monkeypatch.setattr(lora_file, "st_save", lambda *a, **k: pytest.fail("serialised via safetensors"))
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: pytest.fail("serialised via safetensors"))
+    path = tmp_path / f"{case}.safetensors"
+    write_lora(path, mods, meta, **kw)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == _GOLDEN[case]
+
+
+def _library_reference(sd, meta):
+    """What the previous writer did, with the library: kohya hashes over save(ss_*), then re-sorted header."""
+    from safetensors.torch import save
+    buf = save(sd, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    n = int.from_bytes(buf[:8], "little")
+    model, legacy = hashlib.sha256(buf[8 + n:]).hexdigest(), hashlib.sha256(buf[0x100000:0x110000]).hexdigest()[:8]
+    return lora_file._canonical_safetensors(sd, {**meta, "sshs_model_hash": model, "sshs_legacy_hash": legacy})
+
+
+@pytest.mark.parametrize("case", ["mixed", "big", "huge_header", "legacy_window_straddles_tensors"])
+def test_bytes_equal_library_serialisation(tmp_path, case):
+    """Independent of the goldens: the library's layout, header length (UTF-8, escapes) and hashes."""
+    if case in ("mixed", "big"):
+        mods, meta, _ = _golden_cases()[case]
+    elif case == "huge_header":  # kohya's header reaches past 1 MiB: the legacy window covers header bytes
+        mods, meta = modules(), {"ss_tag_frequency": "é" * 600_000, "zz": "1"}
+    else:  # many modules of odd sizes: the 64 KiB window at 1 MiB spans several tensors
+        g = torch.Generator().manual_seed(5)
+        mods = [LoraModule(f"lora_unet_m{i}", torch.randn(3, 997 + i, generator=g).to(dt),
+                           torch.randn(1001 + i, 3, generator=g).to(dt), 3.0)
+                for i, dt in zip(range(60), [torch.float16, torch.float32, torch.bfloat16] * 20)]
+        meta = {"ss_x": "ü" * 3001}
+    path = tmp_path / "x.safetensors"
+    write_lora(path, mods, meta)
+    sd = lora_file._state_dict(path, mods, None)
+    assert path.read_bytes() == _library_reference(sd, meta)
+
+
+def test_reader_reads_in_place_and_matches_library(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    path = tmp_path / "lib.safetensors"
+    g = torch.Generator().manual_seed(2)
+    tensors = {"lora_unet_b.lora_down.weight": torch.randn(2, 5, generator=g).to(torch.bfloat16),
+               "lora_unet_b.lora_up.weight": torch.randn(7, 2, generator=g).half(),
+               "lora_unet_b.alpha": torch.tensor(3, dtype=torch.int64),  # unusual but readable
+               "lora_unet_a.lora_down.weight": torch.randn(4, 3, 3, 3, generator=g).double(),
+               "lora_unet_a.lora_up.weight": torch.randn(6, 4, 1, 1, generator=g)}
+    save_file(tensors, str(path), metadata={"ss_k": "é"})
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: pytest.fail("whole-file read"))
+    got = read_lora(path)
+    monkeypatch.undo()
+    ref = load_file(str(path))
+    for name in ("lora_unet_a", "lora_unet_b"):
+        m = got.modules[name]
+        for t, key in ((m.down, "lora_down.weight"), (m.up, "lora_up.weight")):
+            want = ref[f"{name}.{key}"]
+            assert t.dtype == want.dtype and torch.equal(t, want)
+    assert got.modules["lora_unet_b"].alpha == 3.0 and got.modules["lora_unet_a"].alpha == 4.0
+    assert got.metadata == {"ss_k": "é"}
+    # separate storages: dropping one tensor frees it
+    assert got.modules["lora_unet_a"].down.untyped_storage().data_ptr() != got.modules["lora_unet_a"].up.untyped_storage().data_ptr()
+
+
+def _rewrite_header(src, dst, edit):
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    return dst
+
+
+def test_reader_refuses_what_the_library_refuses(tmp_path):
+    from safetensors.torch import load
+    good = tmp_path / "good.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 3), "lora_unet_a.lora_up.weight": torch.ones(4, 2)},
+              str(good), metadata={"ss_a": "1"})
+
+    def gap(h):  # a hole between the tensors
+        h["lora_unet_a.lora_up.weight"]["data_offsets"] = [h["lora_unet_a.lora_up.weight"]["data_offsets"][0] + 4,
+                                                          h["lora_unet_a.lora_up.weight"]["data_offsets"][1] + 4]
+
+    def shape(h):
+        h["lora_unet_a.lora_down.weight"]["shape"] = [3, 3]
+
+    def meta(h):
+        h["__metadata__"] = {"ss_a": 1}
+
+    def overlap(h):
+        h["lora_unet_a.lora_up.weight"]["data_offsets"] = [0, 32]
+
+    for name, edit in (("gap", gap), ("shape", shape), ("meta", meta), ("overlap", overlap)):
+        bad = _rewrite_header(good, tmp_path / f"{name}.safetensors", edit)
+        with pytest.raises(Exception):
+            load(bad.read_bytes())  # the library refuses it too
+        with pytest.raises(LoraxInputError, match=rf"{name}.safetensors: truncated or corrupt safetensors file"):
+            read_lora(bad)
+    longer = tmp_path / "longer.safetensors"
+    longer.write_bytes(good.read_bytes() + b"\0" * 8)  # data section longer than the header says
+    with pytest.raises(LoraxInputError, match="longer.safetensors: truncated or corrupt"):
+        read_lora(longer)
+
+
+def test_unusual_dtype_falls_back_to_the_library(tmp_path):
+    path = tmp_path / "u16.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 3), "lora_unet_a.lora_up.weight": torch.ones(4, 2),
+               "lora_unet_a.alpha": torch.tensor(2, dtype=torch.uint16)}, str(path))
+    got = read_lora(path)
+    assert got.modules["lora_unet_a"].alpha == 2.0
