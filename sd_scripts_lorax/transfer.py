@@ -45,7 +45,7 @@ from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
-from .lorax.bases import METHOD_VERSION, bases_from_claimed_v
+from .lorax.bases import METHOD_VERSION, bases_from_claimed_v, serial_blas
 from .lorax.similarity import Similarity
 from .phi_cache import FloatBook, load_norm_book, load_phi_book, norm_key, phi_key
 from .tensor_index import TensorIndex, content_key, stat_key
@@ -423,7 +423,8 @@ def _module_workers(device: torch.device) -> Iterator[int]:
         return
     torch.set_num_threads(1)
     try:
-        yield n
+        with serial_blas():  # one limit for the whole pool (see serial_blas)
+            yield n
     finally:
         torch.set_num_threads(n)
 

@@ -209,25 +209,17 @@ def _gram(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
 def _top_eigh_cpu(w64: Tensor, r: int, small_side_is_u: bool) -> tuple[Tensor, Tensor]:
     """Top-r eigenpairs (descending) of the smaller Gram matrix of each (out, n) float64 matrix.
 
-    LAPACK through scipy, one thread: the Gram by syrk (half the flops of a matmul) on the transposed
-    view (no copy), then only the r wanted eigenpairs by MRRR (dsyevr) where r <= m/4, which skips the
-    full back-transformation: 2-4x faster than torch's full syevd for the ranks LoRA uses. Above m/4
-    the full divide-and-conquer (dsyevd) is faster.
+    LAPACK through scipy's library (`lapack.py`, GIL released), one thread: the Gram by syrk (half the
+    flops of a matmul) on the transposed view (no copy), then only the r wanted eigenpairs by MRRR
+    (dsyevr), which skips the full back-transformation: 1.5-4x faster than torch's full syevd for the
+    ranks LoRA uses.
     """
-    from scipy.linalg import blas, eigh
+    from .lapack import gram_upper, top_eigh
 
-    batch, out, n = w64.shape
-    m = min(out, n)
     vecs, vals = [], []
     with serial_blas():
-        for a in w64.numpy():                      # (out, n), C order: a.T is Fortran order
-            g = blas.dsyrk(1.0, a.T, trans=1 if small_side_is_u else 0)   # upper triangle of the Gram
-            if 4 * r <= m:
-                lam, x = eigh(g, lower=False, subset_by_index=(m - r, m - 1), driver="evr",
-                              overwrite_a=True, check_finite=False)
-            else:
-                lam, x = eigh(g, lower=False, driver="evd", overwrite_a=True, check_finite=False)
-                lam, x = lam[m - r:], x[:, m - r:]
+        for a in w64.numpy():                      # (out, n), C order
+            lam, x = top_eigh(gram_upper(a, small_side_is_u), r)
             vals.append(torch.from_numpy(lam[::-1].copy()))
             vecs.append(torch.from_numpy(x[:, ::-1].copy()))
     return torch.stack(vecs), torch.stack(vals)
@@ -242,7 +234,12 @@ _blas_limits = None
 def serial_blas() -> Iterator[None]:
     """Run scipy's (OpenBLAS) LAPACK on one thread while any caller is inside, for the reason of
     `serial_lapack`. Reference-counted, so worker threads computing bases side by side share one limit
-    and the last one out restores the library's own setting."""
+    and the last one out restores the library's own setting.
+
+    Callers that compute bases on several threads must hold this around their whole pool: if the
+    limit came and went with each call, OpenBLAS would start its own threads in between, and their
+    spin-waits next to the workers make every call 20-50x slower on a busy machine (measured).
+    """
     global _blas_users, _blas_limits
     from threadpoolctl import ThreadpoolController
 
@@ -264,9 +261,13 @@ _CONTROLLER = None
 
 
 def _controller(cls):
-    # finding the loaded BLAS libraries walks every shared object: do it once (after scipy is imported)
+    # finding the loaded BLAS libraries walks every shared object: do it once, after scipy's own
+    # library is loaded (a controller made before would not see it)
     global _CONTROLLER
     if _CONTROLLER is None:
+        import scipy.linalg.cython_blas  # noqa: F401
+        import scipy.linalg.cython_lapack  # noqa: F401
+
         _CONTROLLER = cls()
     return _CONTROLLER
 

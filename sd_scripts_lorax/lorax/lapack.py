@@ -1,0 +1,95 @@
+"""Two LAPACK/BLAS routines from scipy's own library, called so that the GIL is released.
+
+scipy's Python wrappers (`scipy.linalg.eigh`, `scipy.linalg.blas.dsyrk`) hold the GIL for the whole
+call, so bases computed on several worker threads would run one at a time. The same routines are
+exported as C function pointers by `scipy.linalg.cython_lapack` / `cython_blas`; calling those
+through ctypes releases the GIL. Arrays are float64 numpy arrays in C order, seen by Fortran as their
+transposes.
+
+- `gram_upper(a, small_side_is_u)`: the Gram matrix of a (out, n) matrix by dsyrk (half the flops of
+  a matmul), as an (m, m) Fortran-ordered array whose upper triangle is valid, m = min(out, n).
+- `top_eigh(g, r)`: the r largest eigenpairs of that matrix by dsyevr (MRRR: only the wanted
+  eigenvectors are computed), eigenvalues ascending, as scipy.linalg.eigh(subset_by_index=...) gives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+
+@lru_cache(maxsize=None)
+def _routine(module: str, name: str, n_args: int):
+    """The C function `name` of scipy's cython_lapack/cython_blas, callable through ctypes (releases the GIL)."""
+    import importlib
+
+    capsule = importlib.import_module(f"scipy.linalg.{module}").__pyx_capi__[name]
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    address = get_pointer(capsule, get_name(capsule))
+    # every argument is a pointer (Fortran convention); void return
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * n_args))(address)
+
+
+def _int(v: int) -> ctypes.c_int:
+    return ctypes.c_int(int(v))
+
+
+def _ptr(x) -> int:
+    if isinstance(x, np.ndarray):
+        return x.ctypes.data
+    return ctypes.addressof(x)
+
+
+def gram_upper(a: np.ndarray, small_side_is_u: bool) -> np.ndarray:
+    """Upper triangle (Fortran order) of a a^T (small_side_is_u) or a^T a, for a float64 C-ordered (out, n)."""
+    if a.dtype != np.float64 or not a.flags.c_contiguous:
+        raise ValueError("gram_upper: expected a C-contiguous float64 matrix")
+    out, n = a.shape
+    m = out if small_side_is_u else n
+    g = np.zeros((m, m), dtype=np.float64, order="F")
+    # Fortran sees `a` as at = a^T (n x out, lda = n): a a^T = at^T at ("T"), a^T a = at at^T ("N")
+    trans = b"T" if small_side_is_u else b"N"
+    k = n if small_side_is_u else out
+    uplo, tr = ctypes.c_char(b"U"), ctypes.c_char(trans)
+    n_, k_, lda, ldc = _int(m), _int(k), _int(max(1, n)), _int(max(1, m))
+    alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
+    syrk = _routine("cython_blas", "dsyrk", 10)
+    syrk(_ptr(uplo), _ptr(tr), _ptr(n_), _ptr(k_), _ptr(alpha), _ptr(a), _ptr(lda), _ptr(beta), _ptr(g), _ptr(ldc))
+    return g
+
+
+def top_eigh(g: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The r largest eigenpairs of the symmetric (m, m) Fortran-ordered `g` (upper triangle used;
+    overwritten). Returns (eigenvalues ascending (r,), eigenvectors (m, r))."""
+    m = g.shape[0]
+    if g.shape != (m, m) or g.dtype != np.float64 or not g.flags.f_contiguous:
+        raise ValueError("top_eigh: expected a Fortran-ordered square float64 matrix")
+    if not 0 < r <= m:
+        raise ValueError(f"top_eigh: r must be in 1..{m}, got {r}")
+    syevr = _routine("cython_lapack", "dsyevr", 21)
+    jobz, rng, uplo = ctypes.c_char(b"V"), ctypes.c_char(b"I"), ctypes.c_char(b"U")
+    n_, lda, il, iu, ldz = _int(m), _int(m), _int(m - r + 1), _int(m), _int(m)
+    vl, vu, abstol = ctypes.c_double(0.0), ctypes.c_double(0.0), ctypes.c_double(0.0)
+    found, info = ctypes.c_int(0), ctypes.c_int(0)
+    w = np.zeros(m, dtype=np.float64)
+    z = np.zeros((r, m), dtype=np.float64)          # Fortran (m, r), ldz = m
+    isuppz = np.zeros(2 * max(1, r), dtype=np.int32)
+
+    def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
+        lw, liw = _int(lwork), _int(liwork)  # named: ctypes objects must outlive the call
+        syevr(_ptr(jobz), _ptr(rng), _ptr(uplo), _ptr(n_), _ptr(g), _ptr(lda), _ptr(vl), _ptr(vu), _ptr(il),
+              _ptr(iu), _ptr(abstol), _ptr(found), _ptr(w), _ptr(z), _ptr(ldz), _ptr(isuppz), _ptr(work),
+              _ptr(lw), _ptr(iwork), _ptr(liw), _ptr(info))
+
+    work, iwork = np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.int32)
+    call(work, -1, iwork, -1)                         # workspace query
+    lwork, liwork = int(work[0]), int(iwork[0])
+    work, iwork = np.zeros(max(1, lwork), dtype=np.float64), np.zeros(max(1, liwork), dtype=np.int32)
+    call(work, lwork, iwork, liwork)
+    if info.value != 0 or found.value != r:
+        raise np.linalg.LinAlgError(f"dsyevr failed (info {info.value}, {found.value} of {r} eigenpairs)")
+    return w[:r].copy(), z.T.copy()
