@@ -402,19 +402,23 @@ def test_similarity_match_pairs_renumbered_blocks(tmp_path, tiny_sdxl_single, ti
     assert by_sim.to_json()["modules"][[m.name for m in by_sim.modules].index(blk + "0_attn1_to_q")]["source"]
 
 
-def test_noise_prediction_change_is_carried_over(tmp_path, tiny_sd1_diffusers, tiny_sd1_diffusers_derived):
-    """The claim, on a function: eps change of the transferred adapter on the target vs the source adapter
-    on the source, compared with copying d into the target's own bases (paper Table 5's baseline);
-    copying the source file unchanged onto the target is printed too."""
+def test_noise_prediction_change_is_carried_over(tmp_path, tiny_sd1_diffusers):
+    """The claim, on a function, over fine-tunes of growing strength: the change in the target's noise
+    prediction made by the transferred adapter vs the change the source adapter makes on the source
+    (cosine, relative MSE), against the two naive ways to carry it over:
+
+    - "copy d": the source's singular-value shifts d put into the target's own bases (the paper's
+      naive copy, Table 5). The projection must beat it at every strength;
+    - "copy file": the source file loaded unchanged on the target (the everyday baseline). Per layer it
+      reproduces the source's update exactly, which the projection can only shorten, so it is the
+      stronger baseline; the projection must stay close to it (it costs little).
+    """
     from diffusers import UNet2DConditionModel
 
-    src, tgt = tiny_sd1_diffusers, tiny_sd1_diffusers_derived
+    src = tiny_sd1_diffusers
     lora = make_lora(src, tmp_path / "in.safetensors", rank=4, seed=5, parts=("unet",))
-    out = tmp_path / "out.safetensors"
-    transfer(lora, src, tgt, out, threshold=0.0, progress=False)
-    src_mods, out_mods = read_lora(lora).modules, read_lora(out).modules
+    src_mods = read_lora(lora).modules
     us = UNet2DConditionModel.from_pretrained(str(src / "unet"))
-    ut = UNet2DConditionModel.from_pretrained(str(tgt / "unet"))
     with Checkpoint.open(src) as c:
         paths = {n: r.key.split("/", 1)[1].removesuffix(".weight") for n, r in c.modules().items()}
     g = torch.Generator().manual_seed(0)
@@ -428,27 +432,33 @@ def test_noise_prediction_change_is_carried_over(tmp_path, tiny_sd1_diffusers, t
                 w += dw.to(w.dtype).reshape(w.shape)
             return u(x, 500, encoder_hidden_states=ctx).sample
 
-    def d_copy(n: str) -> torch.Tensor:
-        ws, wt = (m.get_submodule(paths[n]).weight.detach() for m in (us, ut))
-        bs, bt = top_bases(ws, 4), top_bases(wt, 4)
-        d = (bs.u.T.double() @ dense(src_mods[n]) @ bs.v.double()).diagonal()
-        return bt.u.double() @ torch.diag(d) @ bt.v.double().T
-
-    base_s, base_t = eps(us, {}), eps(ut, {})
-    want = eps(us, {n: dense(m) for n, m in src_mods.items()}) - base_s
-    got = {"transferred": eps(ut, {n: dense(m) for n, m in out_mods.items()}) - base_t,
-           "copy d into target bases": eps(ut, {n: d_copy(n) for n in src_mods}) - base_t,
-           "copy source file unchanged": eps(ut, {n: dense(m) for n, m in src_mods.items()}) - base_t}
-    score = {}
-    for k, v in got.items():
+    def score(v: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
         cos = float(torch.nn.functional.cosine_similarity(v.flatten(), want.flatten(), dim=0))
-        mse = float(((v - want) ** 2).mean() / (want ** 2).mean())
-        score[k] = (cos, mse)
-        print(f"\n  {k:28s} cosine {cos:.4f}  relative MSE {mse:.4f}", end="")
-    print()
-    assert score["transferred"][0] > score["copy d into target bases"][0]
-    assert score["transferred"][1] < score["copy d into target bases"][1]
-    assert score["transferred"][0] > 0.8
+        return cos, float(((v - want) ** 2).mean() / (want ** 2).mean())
+
+    want = eps(us, {n: dense(m) for n, m in src_mods.items()}) - eps(us, {})
+    print("\n  drift  transferred (cos / rel. MSE)  copy d (Table 5)   copy file")
+    for drift in (0.02, 0.05, 0.1):
+        tgt = derive_fixture(src, tmp_path / f"ft_{drift}", drift, 1)
+        out = tmp_path / f"out_{drift}.safetensors"
+        transfer(lora, src, tgt, out, threshold=0.0, progress=False)
+        out_mods = read_lora(out).modules
+        ut = UNet2DConditionModel.from_pretrained(str(tgt / "unet"))
+
+        def d_copy(n: str) -> torch.Tensor:
+            ws, wt = (m.get_submodule(paths[n]).weight.detach() for m in (us, ut))
+            bs, bt = top_bases(ws, 4), top_bases(wt, 4)
+            d = (bs.u.T.double() @ dense(src_mods[n]) @ bs.v.double()).diagonal()
+            return bt.u.double() @ torch.diag(d) @ bt.v.double().T
+
+        base_t = eps(ut, {})
+        got = {"transferred": score(eps(ut, {n: dense(m) for n, m in out_mods.items()}) - base_t, want),
+               "copy d": score(eps(ut, {n: d_copy(n) for n in src_mods}) - base_t, want),
+               "copy file": score(eps(ut, {n: dense(m) for n, m in src_mods.items()}) - base_t, want)}
+        print(f"  {drift:5.2f}  " + "   ".join(f"{c:.3f} / {m:.3f}" for c, m in got.values()))
+        assert got["transferred"][0] > got["copy d"][0] and got["transferred"][1] < got["copy d"][1]
+        assert got["transferred"][0] > got["copy file"][0] - 0.05
+    assert got["transferred"][0] > 0.5   # still the same change at drift 0.1
 
 
 def test_mixed_layouts(tmp_path, tiny_sd1_single, tiny_sd1_diffusers, tiny_sd1_diffusers_derived):
