@@ -45,7 +45,8 @@ from .atomic import atomic_write, check_writable
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
-from .lorax.bases import METHOD_VERSION, bases_from_claimed_v, serial_blas
+from .lorax.bases import METHOD_VERSION, bases_from_claimed_v
+from .lorax.lapack import serial_blas
 from .lorax.similarity import Similarity
 from .phi_cache import FloatBook, load_norm_book, load_phi_book, norm_key, phi_key
 from .tensor_index import TensorIndex, content_key, stat_key

@@ -352,7 +352,7 @@ def test_bases_from_worker_threads_equal_serial_and_blas_limit_is_restored():
 
     from threadpoolctl import threadpool_info
 
-    from sd_scripts_lorax.lorax.bases import serial_blas
+    from sd_scripts_lorax.lorax.lapack import serial_blas
 
     ws = [decaying(160, 120 + 8 * i, seed=10 + i) for i in range(6)]
     serial = [top_bases(w, 12, "gram") for w in ws]

@@ -34,7 +34,6 @@ functions here are safe to call from several threads).
 from __future__ import annotations
 
 import math
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..finite import all_finite
+from .lapack import gram_upper, serial_blas, top_eigh
 
 METHODS = ("auto", "exact", "gram", "randomized")
 # Part of the SVD cache key: bump when the numbers a method returns change.
@@ -214,8 +214,6 @@ def _top_eigh_cpu(w64: Tensor, r: int, small_side_is_u: bool) -> tuple[Tensor, T
     (dsyevr), which skips the full back-transformation: 1.5-4x faster than torch's full syevd for the
     ranks LoRA uses.
     """
-    from .lapack import gram_upper, top_eigh
-
     vecs, vals = [], []
     with serial_blas():
         for a in w64.numpy():                      # (out, n), C order
@@ -223,53 +221,6 @@ def _top_eigh_cpu(w64: Tensor, r: int, small_side_is_u: bool) -> tuple[Tensor, T
             vals.append(torch.from_numpy(lam[::-1].copy()))
             vecs.append(torch.from_numpy(x[:, ::-1].copy()))
     return torch.stack(vecs), torch.stack(vals)
-
-
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_limits = None
-
-
-@contextmanager
-def serial_blas() -> Iterator[None]:
-    """Run scipy's (OpenBLAS) LAPACK on one thread while any caller is inside, for the reason of
-    `serial_lapack`. Reference-counted, so worker threads computing bases side by side share one limit
-    and the last one out restores the library's own setting.
-
-    Callers that compute bases on several threads must hold this around their whole pool: if the
-    limit came and went with each call, OpenBLAS would start its own threads in between, and their
-    spin-waits next to the workers make every call 20-50x slower on a busy machine (measured).
-    """
-    global _blas_users, _blas_limits
-    from threadpoolctl import ThreadpoolController
-
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_limits = _controller(ThreadpoolController).limit(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0 and _blas_limits is not None:
-                _blas_limits.restore_original_limits()
-                _blas_limits = None
-
-
-_CONTROLLER = None
-
-
-def _controller(cls):
-    # finding the loaded BLAS libraries walks every shared object: do it once, after scipy's own
-    # library is loaded (a controller made before would not see it)
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        import scipy.linalg.cython_blas  # noqa: F401
-        import scipy.linalg.cython_lapack  # noqa: F401
-
-        _CONTROLLER = cls()
-    return _CONTROLLER
 
 
 def _test_matrix(batch: int, n: int, k: int, device: torch.device) -> Tensor:

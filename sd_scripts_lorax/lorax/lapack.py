@@ -10,14 +10,19 @@ transposes.
   a matmul), as an (m, m) Fortran-ordered array whose upper triangle is valid, m = min(out, n).
 - `top_eigh(g, r)`: the r largest eigenpairs of that matrix by dsyevr (MRRR: only the wanted
   eigenvectors are computed), eigenvalues ascending, as scipy.linalg.eigh(subset_by_index=...) gives.
+- `serial_blas()`: that library on one thread while any caller is inside.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
+
 
 @lru_cache(maxsize=None)
 def _routine(module: str, name: str, n_args: int):
@@ -93,3 +98,43 @@ def top_eigh(g: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     if info.value != 0 or found.value != r:
         raise np.linalg.LinAlgError(f"dsyevr failed (info {info.value}, {found.value} of {r} eigenpairs)")
     return w[:r].copy(), z.T.copy()
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limits = None
+_controller = None
+
+
+@contextmanager
+def serial_blas() -> Iterator[None]:
+    """Run scipy's (OpenBLAS) LAPACK on one thread while any caller is inside: on a shared 2-core
+    machine its threaded factorizations are 10-100x slower than serial ones (see bases.serial_lapack).
+    Reference-counted, so worker threads computing bases side by side share one limit and the last
+    one out restores the library's own setting.
+
+    Callers that compute bases on several threads must hold this around their whole pool: if the
+    limit came and went with each call, OpenBLAS would start its own threads in between, and their
+    spin-waits next to the workers make every call 20-50x slower on a busy machine (measured).
+    """
+    global _blas_users, _blas_limits, _controller
+    with _blas_lock:
+        if _blas_users == 0:
+            if _controller is None:
+                # finding the loaded BLAS libraries walks every shared object: once, and after
+                # scipy's own library is loaded (a controller made before would not see it)
+                import scipy.linalg.cython_blas  # noqa: F401
+                import scipy.linalg.cython_lapack  # noqa: F401
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController()
+            _blas_limits = _controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limits is not None:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
