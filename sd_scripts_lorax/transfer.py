@@ -14,42 +14,40 @@ checkpoints. Per module:
 - phi = min(phi_U, phi_V) >= threshold -> ``up = U_t C``, ``down = V_t^T``, ``alpha = r`` with
   ``C = (U_t^T up_s)(down_s V_t)``: the output is itself a LoRA-X adapter of the target.
 
-Speed: the modules run on a pool of torch.get_num_threads() workers (one torch thread each, results
-applied in module order, so outputs, reports and caches equal a serial run's); the model hashes for
-the metadata run meanwhile on a background thread. With an SVD cache folder, a per-checkpoint tensor
+Speed: the modules run on a pool of torch.get_num_threads() workers (`parallel`: one torch thread
+each, results applied in module order, so outputs, reports and caches equal a serial run's); the
+model hashes for the metadata run meanwhile on background threads (`model_hashes`). With an SVD cache folder, a per-checkpoint tensor
 index (`tensor_index`), the bases (`svd_cache`, by content key) and the phi values (`phi_cache`) are
 remembered, so a warm run reads no checkpoint tensor: only the LoRA, the index and the target bases.
 
-Everything is validated before any output is written; outputs, reports and plots are written
+Everything is validated (`transfer_inputs`) before any output is written; outputs, reports and plots are written
 atomically, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
 import os
 import threading
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .atomic import atomic_write, check_writable
+from .atomic import check_writable
 from .errors import LoraxInputError
-from .finite import all_finite
-from .lorax import Bases, module_similarity, project_factors, energy_in_subspace, top_bases
+from .lorax import Bases, energy_in_subspace, module_similarity, project_factors, top_bases
 from .lorax.bases import METHOD_VERSION, bases_from_claimed_v
-from .lorax.lapack import serial_blas
 from .lorax.similarity import Similarity
+from .model_hashes import ModelHashes
+from .parallel import cpu_workers, ordered_map
 from .phi_cache import FloatBook, load_norm_book, load_phi_book, norm_key, phi_key
 from .tensor_index import TensorIndex, content_key, stat_key
+from .transfer_inputs import (MATCH_MODES, PRECISIONS, SAVE_PRECISIONS, check_checkpoints, check_lora_against_source,
+                              check_options, filtered, output_paths, side_paths)
 from .transfer_report import (BELOW_THRESHOLD, FILTERED, IDENTICAL, MISSING_IN_TARGET, SHAPE_MISMATCH,
                               TRANSFERRED, ModuleResult, TransferReport, format_table, plot_heatmap,
                               split_block, write_json)
@@ -60,146 +58,11 @@ if TYPE_CHECKING:  # sibling I/O modules, imported lazily at run time
     from .lora_file import LoraFile, LoraModule
     from .naming import ModuleRef
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-MATCH_MODES = ("name", "similarity")
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-                   "bf16": torch.bfloat16}
 
 # SVD-cache method tag of source bases taken from a LoRA-X file (see _Engine.source_bases)
 CLAIMED_METHOD = "lorax-file-v1"
 
 __all__ = ["transfer", "TransferReport", "ModuleResult", "MATCH_MODES", "PRECISIONS", "SAVE_PRECISIONS"]
-
-
-# ---------------------------------------------------------------- options and outputs
-
-
-def _check_options(threshold: float, match: str, device: str, precision: str,
-                   save_precision: str | None) -> torch.device:
-    if not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
-        raise LoraxInputError(f"--threshold must be in [0, 1], got {threshold!r}")
-    if match not in MATCH_MODES:
-        raise LoraxInputError(f"--match must be one of {', '.join(MATCH_MODES)}, got {match!r}")
-    if precision not in PRECISIONS:
-        raise LoraxInputError(f"--precision must be one of float, fp16, bf16, got {precision!r}")
-    if save_precision is not None and save_precision not in SAVE_PRECISIONS:
-        raise LoraxInputError(f"--save_precision must be one of fp16, bf16, float, got {save_precision!r}")
-    dev = str(device)
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LoraxInputError(f"--device {dev}: CUDA is not available here (torch {torch.__version__}, "
-                                  f"cuda build: {torch.version.cuda or 'none'}); use --device cpu")
-    elif dev != "cpu":
-        raise LoraxInputError(f"--device must be cpu or cuda, got {dev!r}")
-    return torch.device(dev)
-
-
-def output_paths(loras: Sequence[Path], save_to: str | os.PathLike | None, target_name: str) -> list[Path]:
-    """Where each input's output goes: SAVE_TO itself (one input, *.safetensors) or a file in folder SAVE_TO."""
-    if save_to is None:
-        raise LoraxInputError("no output given: pass --save_to OUT.safetensors|FOLDER (or --dry_run)")
-    save_to = Path(save_to)
-    if save_to.suffix == ".safetensors" and not save_to.is_dir():
-        if len(loras) > 1:
-            raise LoraxInputError(f"{save_to}: {len(loras)} --lora inputs need an output folder, not one file")
-        return [save_to]
-    if not save_to.is_dir():
-        raise LoraxInputError(f"{save_to}: output folder does not exist")
-    target_stem = Path(target_name).stem or "target"
-    outs = [save_to / f"{p.stem}_to_{target_stem}.safetensors" for p in loras]
-    if len(set(outs)) != len(outs):
-        raise LoraxInputError(f"{save_to}: two --lora inputs share a file name; give them distinct names")
-    return outs
-
-
-def side_paths(path: str | os.PathLike | None, loras: Sequence[Path], per_input: bool) -> list[Path | None]:
-    """Report/plot paths: the path itself, or with several inputs ``<stem>.<lora stem><suffix>`` each."""
-    if path is None:
-        return [None] * len(loras)
-    path = Path(path)
-    if not per_input or len(loras) == 1:
-        return [path] * len(loras)
-    return [path.with_name(f"{path.stem}.{p.stem}{path.suffix}") for p in loras]
-
-
-def _filtered(name: str, patterns: Sequence[str]) -> bool:
-    short = name[len("lora_"):] if name.startswith("lora_") else name
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
-
-
-# ---------------------------------------------------------------- validation of inputs against each other
-
-
-def lora_family_hint(names: Iterable[str], metadata: dict[str, str]) -> str | None:
-    """"sdxl" / "sd1-or-sd2" from the LoRA's names (te1/te2, input_blocks) or kohya metadata, else None."""
-    names = list(names)
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith("lora_unet_input_blocks_")
-           or n.startswith("lora_unet_output_blocks_") or n.startswith("lora_unet_middle_block_")
-           for n in names):
-        return "sdxl"
-    if any(n.startswith("lora_te_") or n.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_",
-                                                    "lora_unet_mid_block_")) for n in names):
-        return "sd1-or-sd2"
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith(("sd_v1", "sd_v2")):
-        return "sd1-or-sd2"
-    return None
-
-
-def _shape_str(shape: Iterable[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def check_lora_against_source(lora: "LoraFile", src: "Checkpoint") -> None:
-    """The LoRA's family, module names and factor shapes must fit the source checkpoint."""
-    hint = lora_family_hint(lora.modules, lora.metadata)
-    src_is_xl = src.family == "sdxl"
-    if hint is not None and (hint == "sdxl") != src_is_xl:
-        example = next(iter(sorted(lora.modules)), "?")
-        raise LoraxInputError(
-            f"{lora.path}: LoRA is for {'SDXL' if hint == 'sdxl' else 'SD1/SD2'} (e.g. module {example}) but "
-            f"the source model {src.path} is {src.family}: a LoRA transfers only within one family")
-    refs = src.modules()
-    for name in sorted(lora.modules):
-        mod = lora.modules[name]
-        ref = refs.get(name)
-        if ref is None:
-            raise LoraxInputError(f"{lora.path}: module {name} maps to nothing in the source model {src.path} "
-                                  f"({src.family}, {len(refs)} modules)")
-        out, n = ref.shape[0], math.prod(ref.shape[1:])
-        up_out, down_n = mod.up.shape[0], math.prod(mod.down.shape[1:])
-        if up_out != out or down_n != n or mod.up.shape[1] != mod.down.shape[0]:
-            raise LoraxInputError(
-                f"{lora.path}: module {name} has up {_shape_str(mod.up.shape)} / down {_shape_str(mod.down.shape)} "
-                f"but the source weight {ref.key} in {src.path} is {_shape_str(ref.shape)}")
-        for what, t in (("up", mod.up), ("down", mod.down)):
-            if not all_finite(t):
-                raise LoraxInputError(f"{lora.path}: module {name} {what} {_shape_str(t.shape)} contains NaN/Inf")
-
-
-def check_checkpoints(src: "Checkpoint", tgt: "Checkpoint", names: Iterable[str]) -> None:
-    """Same family; the modules the LoRAs touch must (mostly) have the same shapes in both models.
-
-    A different architecture (more than half of the touched modules shaped differently) is an error
-    naming the first mismatch; isolated mismatches are reported per module as "shape mismatch".
-    """
-    if src.family != tgt.family:
-        raise LoraxInputError(f"source model {src.path} is {src.family} but target model {tgt.path} is "
-                              f"{tgt.family}: transfer works only within one family")
-    s_refs, t_refs = src.modules(), tgt.modules()
-    shared = [n for n in sorted(names) if n in s_refs and n in t_refs]
-    bad = [n for n in shared if tuple(s_refs[n].shape) != tuple(t_refs[n].shape)]
-    if bad and 2 * len(bad) > len(shared):
-        n = bad[0]
-        raise LoraxInputError(
-            f"source model {src.path} and target model {tgt.path} have different shapes: module {n} is "
-            f"{_shape_str(s_refs[n].shape)} in the source and {_shape_str(t_refs[n].shape)} in the target "
-            f"({len(bad)} of {len(shared)} modules differ)")
 
 
 # ---------------------------------------------------------------- weights, bases and phi through the caches
@@ -411,45 +274,6 @@ def _drop(eng: _Engine, job: _Job, name: str, shape: tuple[int, ...] | None, rea
         norm_source=norm, norm_target=0.0 if norm is not None else None), None
 
 
-# ---------------------------------------------------------------- running modules in parallel, in order
-
-
-@contextmanager
-def _module_workers(device: torch.device) -> Iterator[int]:
-    """Workers for the per-module work: torch's CPU threads at entry (each worker then runs torch on one
-    thread, restored afterwards); 1 (serial) on CUDA or with one thread."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n <= 1:
-        yield 1
-        return
-    torch.set_num_threads(1)
-    try:
-        with serial_blas():  # one limit for the whole pool (see serial_blas)
-            yield n
-    finally:
-        torch.set_num_threads(n)
-
-
-def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """fn over items on `workers` threads, results yielded in item order; at most 2 x workers in
-    flight, so memory stays bounded. workers <= 1: a plain serial loop."""
-    if workers <= 1:
-        for x in items:
-            yield fn(x)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorax-transfer")
-    pending: deque[Future] = deque()
-    try:
-        for x in items:
-            pending.append(pool.submit(fn, x))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _progress(items: Iterable, enabled: bool, desc: str, total: int) -> Iterator:
     if not enabled:
         yield from items
@@ -467,7 +291,7 @@ def _run_name_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str], prog
     def work(name: str) -> list[_Outcome]:
         users = [j for j in jobs if name in j.lora.modules]
         s_ref = s_refs[name]
-        if _filtered(name, filters):
+        if filtered(name, filters):
             return [_drop(eng, j, name, s_ref.shape, FILTERED) for j in users]
         t_ref = t_refs.get(name)
         if t_ref is None:
@@ -490,8 +314,8 @@ def _run_name_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str], prog
         return [_project(eng, j, name, name, shape, _similarity(eng, keys[ranks[j.path]], bs, bt, ranks[j.path]),
                          bt, bs) for j in users]
 
-    with _module_workers(eng.device) as workers:
-        for outcomes in _progress(_ordered_map(work, names, workers), progress, "transfer", len(names)):
+    with cpu_workers(eng.device) as workers:
+        for outcomes in _progress(ordered_map(work, names, workers), progress, "transfer", len(names)):
             _apply(outcomes)
 
 
@@ -507,13 +331,13 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
     def kind(name: str, shape: Sequence[int]) -> tuple[str, str, tuple[int, ...]]:
         return (s_refs[name].part if name in s_refs else t_refs[name].part, split_block(name)[1], tuple(shape))
 
-    touched = sorted({n for j in jobs for n in j.lora.modules if not _filtered(n, filters)})
+    touched = sorted({n for j in jobs for n in j.lora.modules if not filtered(n, filters)})
     for j in jobs:
-        _apply(_drop(eng, j, n, s_refs[n].shape, FILTERED) for n in sorted(j.lora.modules) if _filtered(n, filters))
+        _apply(_drop(eng, j, n, s_refs[n].shape, FILTERED) for n in sorted(j.lora.modules) if filtered(n, filters))
     by_kind: dict[tuple, list[str]] = {}
     for n in touched:
         by_kind.setdefault(kind(n, s_refs[n].shape), []).append(n)
-    targets = sorted(n for n, ref in t_refs.items() if kind(n, ref.shape) in by_kind and not _filtered(n, filters))
+    targets = sorted(n for n, ref in t_refs.items() if kind(n, ref.shape) in by_kind and not filtered(n, filters))
     src_bases: dict[str, Bases] = {}
 
     def source_bases(n: str) -> Bases:
@@ -535,8 +359,8 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
         return eng.target_bases(t, rank)
 
     paired: dict[int, set[str]] = {id(j): set() for j in jobs}
-    with _module_workers(eng.device) as workers:
-        results = zip(targets, _ordered_map(target_work, targets, workers))
+    with cpu_workers(eng.device) as workers:
+        results = zip(targets, ordered_map(target_work, targets, workers))
         for t_name, bt in _progress(results, progress, "transfer (similarity)", len(targets)):
             shape = tuple(t_refs[t_name].shape)
             cands = by_kind[kind(t_name, shape)]
@@ -561,89 +385,10 @@ def _run_similarity_match(jobs: list[_Job], eng: _Engine, filters: Sequence[str]
                 paired[id(j)].add(best)
     for j in jobs:
         _apply(_drop(eng, j, n, s_refs[n].shape, MISSING_IN_TARGET) for n in sorted(j.lora.modules)
-               if n not in paired[id(j)] and not _filtered(n, filters))
+               if n not in paired[id(j)] and not filtered(n, filters))
 
 
 # ---------------------------------------------------------------- metadata and writing
-
-
-_HASHES_FILE = "model_hashes.json"
-_HASHES_LOCK = threading.Lock()  # the source's and the target's hashing threads update one book
-
-
-def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
-    """ckpt's sha256 and legacy hashes (no addnet: the metadata does not use it), remembered in the SVD
-    cache folder by path, size and mtime (hashing a 2-7 GB checkpoint costs seconds, more than a warm
-    transfer; A1111 caches these the same way)."""
-    from .hashing import FileHashes
-
-    if cache_dir is None:
-        return ckpt.hashes(addnet=False)
-    book_path = cache_dir / _HASHES_FILE
-    key = stat_key(ckpt.path)
-    try:
-        book = json.loads(book_path.read_text())
-        hit = book[key]
-        return FileHashes(sha256=hit["sha256"], legacy=hit["legacy"], addnet=hit.get("addnet"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    h = ckpt.hashes(addnet=False)
-    try:
-        with _HASHES_LOCK:
-            _remember_hashes(book_path, key, h)
-    except OSError:  # a cache that cannot be written costs time, never the result
-        pass
-    return h
-
-
-def _remember_hashes(book_path: Path, key: str, h: "FileHashes") -> None:
-    """Add one checkpoint's hashes to the book (read, update, atomic rewrite)."""
-    try:
-        book = json.loads(book_path.read_text())
-        book = book if isinstance(book, dict) else {}
-    except (OSError, ValueError):
-        book = {}
-    book[key] = {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
-    book_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(book_path) as tmp:
-        tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
-
-
-class _Background:
-    """`fn()` on a daemon thread (so a failed transfer does not wait for it); `result()` joins it and
-    re-raises its exception."""
-
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self._value: object = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn()
-            except BaseException as exc:  # handed to the caller of result()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="lorax-model-hashes", daemon=True)
-        self._thread.start()
-
-    def result(self):  # noqa: ANN201 - the value of fn()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-class _ModelHashes:
-    """The source's and the target's model hashes, each on its own background thread (hashlib and
-    file reads release the GIL, so they use cores the module work leaves idle, e.g. at its tail)."""
-
-    def __init__(self, src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> None:
-        self._src = _Background(lambda: model_hashes(src, cache_dir))
-        same = src.path.resolve() == tgt.path.resolve()
-        self._tgt = self._src if same else _Background(lambda: model_hashes(tgt, cache_dir))
-
-    def result(self) -> tuple["FileHashes", "FileHashes"]:
-        return self._src.result(), self._tgt.result()
 
 
 def _output_metadata(job: _Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float,
@@ -730,7 +475,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
     paths = [Path(loras)] if isinstance(loras, (str, os.PathLike)) else [Path(p) for p in loras]
     if not paths:
         raise LoraxInputError("no --lora input given")
-    dev = _check_options(threshold, match, device, precision, save_precision)
+    dev = check_options(threshold, match, device, precision, save_precision)
     filters = tuple(filter_blocks or ())
     plot_paths = side_paths(plot_path, paths, per_input=True)
     for p in [report_path, *plot_paths]:
@@ -773,7 +518,7 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
             cache_dir = prepare_dir(svd_cache_dir)
         # the metadata's model hashes (seconds for GB files, unless remembered) overlap the module work;
         # a dry run writes no metadata and hashes nothing
-        hashing = None if dry_run else _ModelHashes(src, tgt, cache_dir)
+        hashing = None if dry_run else ModelHashes(src, tgt, cache_dir)
         s_index = TensorIndex.load(cache_dir, src.path)
         same = src.path.resolve() == tgt.path.resolve()
         t_index = s_index if same else TensorIndex.load(cache_dir, tgt.path)
