@@ -1,7 +1,7 @@
 """The source's and target's model hashes for a transfer's metadata, remembered in the SVD cache folder.
 
 Hashing a 2-7 GB checkpoint costs seconds, more than a warm transfer, so the sha256 and legacy hashes
-are kept in `<cache>/model_hashes.json` by path, sizes and mtimes (A1111 caches these the same way),
+are kept in `<cache>/model_hashes.json` by path, sizes, mtimes and ctimes (A1111 caches by mtime),
 and computed on background threads while the modules are worked on.
 """
 
@@ -27,7 +27,7 @@ _HASHES_LOCK = threading.Lock()  # the source's and the target's hashing threads
 
 def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
     """ckpt's sha256 and legacy hashes (no addnet: the metadata does not use it), remembered in the SVD
-    cache folder by path, size and mtime (hashing a 2-7 GB checkpoint costs seconds, more than a warm
+    cache folder by path, size, mtime and ctime (hashing a 2-7 GB checkpoint costs seconds, more than a warm
     transfer; A1111 caches these the same way)."""
     from .hashing import FileHashes
 

@@ -3,8 +3,8 @@
 - phi_u, phi_v of a module (`similarity.json`): they depend only on the two weights (their content
   keys, see `tensor_index`), the rank phi is taken at, the rank of the bases it is sliced from and
   how the source bases were obtained, so a warm transfer reads neither the weights nor the source bases.
-- ||dW||_F of an input adapter's module (`adapter_norms.json`), keyed by the LoRA file's path, size
-  and mtime and the module name: two r x r Gram products per module otherwise (about 40% of a warm
+- ||dW||_F of an input adapter's module (`adapter_norms.json`), keyed by the LoRA file's path, size,
+  mtime and ctime and the module name: two r x r Gram products per module otherwise (about 40% of a warm
   run's per-module math at r = 320).
 
 One JSON file each, read once and written once per run, atomically; floats round-trip exactly

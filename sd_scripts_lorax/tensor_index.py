@@ -6,8 +6,8 @@ content key of those bytes, recorded only for tensors that were read and found f
 a warm transfer knows which weights are identical, and which cache entries to use, without reading
 a single checkpoint tensor.
 
-An index belongs to one state of the checkpoint on disk (path, sizes and mtimes of its weight
-files, like `model_hashes.json`); any change starts it afresh. A missing, corrupt or foreign index
+An index belongs to one state of the checkpoint on disk (path, sizes, mtimes and ctimes of its
+weight files, like `model_hashes.json`); any change starts it afresh. A missing, corrupt or foreign index
 file is never an error: it is an empty index. Writes are atomic; a failed write only costs time.
 """
 
@@ -43,10 +43,16 @@ def content_key(t: torch.Tensor) -> str:
 
 
 def stat_key(path: str | os.PathLike) -> str:
-    """Identity of a checkpoint on disk: resolved path, sizes and mtimes of its weight files."""
+    """Identity of a checkpoint on disk: resolved path, sizes, mtimes and ctimes of its weight files.
+
+    The ctime is what `cp -p` or `touch -r` cannot set back: a file replaced by another of the same
+    size and mtime still gets a new key."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
-    stats = [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append((str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return json.dumps([str(path.resolve()), stats])
 
 

@@ -587,15 +587,19 @@ def test_warm_run_reads_no_checkpoint_tensor(tmp_path, monkeypatch, tiny_sd1_sin
     assert _doc(tmp_path / "nc.json") == _doc(rep_json)
 
 
-def test_rewritten_checkpoint_is_not_served_stale_entries(tmp_path, tiny_sd1_single):
+@pytest.mark.parametrize("mtime_shift", [10**9, 0], ids=["rewritten", "copied_over_keeping_mtime"])
+def test_rewritten_checkpoint_is_not_served_stale_entries(tmp_path, tiny_sd1_single, mtime_shift):
     lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", parts=("unet",))
     tgt = derive_fixture(tiny_sd1_single, tmp_path / "tgt.safetensors", 0.05, 7, keep_text_encoder=True)
     cache = tmp_path / "cache"
     _run(lora, tiny_sd1_single, tgt, tmp_path / "a.safetensors", cache, None)
-    # new weights under the same name (its mtime moves, as any rewrite's does)
+    # new weights under the same name: its mtime moves, as any rewrite's does, or is set back to the
+    # old one with the same size (what `cp -p` of another file does): the ctime still tells
     st = tgt.stat()
     derive_fixture(tiny_sd1_single, tgt, 0.05, 8, keep_text_encoder=True, overwrite=True)
-    os.utime(tgt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.utime(tgt, ns=(st.st_atime_ns, st.st_mtime_ns + mtime_shift))
+    if not mtime_shift:
+        assert tgt.stat().st_size == st.st_size and tgt.stat().st_mtime_ns == st.st_mtime_ns
     _run(lora, tiny_sd1_single, tgt, tmp_path / "b.safetensors", cache, tmp_path / "b.json")
     _run(lora, tiny_sd1_single, tgt, tmp_path / "c.safetensors", None, tmp_path / "c.json")
     assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
