@@ -25,7 +25,7 @@ from .atomic import atomic_write
 from .errors import LoraxInputError
 from .finite import all_finite
 from .lorax.bases import METHOD_VERSION, Bases
-from .tensor_index import content_key, tensor_bytes_view
+from .tensor_index import content_key
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ _FORMAT_TAG = b"sd-scripts-lorax svd-cache v2\0"
 # Threads for the lookups (hash + read + check) of a warm cache: 2-4 cores is where they stop helping.
 _LOOKUP_THREADS = min(4, os.cpu_count() or 1)
 
-
-weight_bytes_view = tensor_bytes_view  # the old name, kept for callers
 
 
 def entry_key(content: str, rank: int, method: str = "auto", version: str = METHOD_VERSION) -> str:

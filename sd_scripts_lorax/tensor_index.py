@@ -22,23 +22,18 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
+from .safetensors_io import tensor_bytes
 
 INDEX_DIR = "tensor_index"
 _FORMAT = "sd-scripts-lorax tensor-index v1"
 _CONTENT_TAG = b"sd-scripts-lorax tensor-content v1\0"
 
 
-def tensor_bytes_view(t: torch.Tensor) -> memoryview:
-    """The tensor's raw bytes (CPU, contiguous) as a zero-copy buffer for hashing."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
 def content_key(t: torch.Tensor) -> str:
     """Hex sha256 of (dtype, shape, bytes): equal keys mean bit-identical tensors of one dtype and shape."""
     h = hashlib.sha256(_CONTENT_TAG)
     h.update(f"{t.dtype}\0{tuple(t.shape)}\0".encode())
-    h.update(tensor_bytes_view(t))  # hashlib releases the GIL on large buffers
+    h.update(tensor_bytes(t.detach().to("cpu").contiguous()))  # hashlib releases the GIL on large buffers
     return h.hexdigest()
 
 
@@ -128,4 +123,4 @@ class TensorIndex:
                 pass
 
 
-__all__ = ["TensorIndex", "content_key", "stat_key", "tensor_bytes_view", "INDEX_DIR"]
+__all__ = ["TensorIndex", "content_key", "stat_key", "INDEX_DIR"]
