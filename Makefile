@@ -21,7 +21,7 @@ test: setup
 	$(VPY) -m pytest -q -n 2 tests
 
 demo: setup
-	$(VPY) -m sd_scripts_lorax.demo
+	$(VPY) -m sd_scripts_lorax.tools.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

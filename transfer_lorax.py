@@ -3,7 +3,7 @@
     python transfer_lorax.py --lora style.safetensors --source_model sd15.safetensors \\
         --target_model realistic_vision/ --save_to style_rv.safetensors --report report.json
 
-All the work is in sd_scripts_lorax.transfer.transfer(); this file only parses arguments.
+All the work is in sd_scripts_lorax.transfer.engine.transfer(); this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the transfer, print the report tables."""
     from sd_scripts_lorax.errors import cli_errors
-    from sd_scripts_lorax.transfer import print_tables, transfer
+    from sd_scripts_lorax.transfer.engine import print_tables, transfer
 
     args = build_parser().parse_args(argv)
     with cli_errors():

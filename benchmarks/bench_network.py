@@ -26,10 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_scripts_lorax.lorax import Bases
-from sd_scripts_lorax.model_configs import build_models
-from sd_scripts_lorax.modules import LoraXModule
-from sd_scripts_lorax.network import LoraXNetwork, compute_bases, create_network, find_targets, parse_options
-from sd_scripts_lorax.svd_cache import get_many
+from sd_scripts_lorax.families.model_configs import build_models
+from sd_scripts_lorax.network.layer import LoraXModule
+from sd_scripts_lorax.network.lorax_network import (
+    LoraXNetwork,
+    compute_bases,
+    create_network,
+    find_targets,
+    parse_options,
+)
+from sd_scripts_lorax.cache.svd_cache import get_many
 
 
 class PlainLora(nn.Module):

@@ -42,13 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sd_scripts_lorax.checkpoint import Checkpoint  # noqa: E402
-from sd_scripts_lorax.fixtures import derive_fixture, write_fixture  # noqa: E402
-from sd_scripts_lorax.lora_file import (LoraModule, lorax_metadata, minimum_kohya_metadata,  # noqa: E402
-                                        write_lora)
-from sd_scripts_lorax.lorax import lorax_factors, top_bases  # noqa: E402
-from sd_scripts_lorax.svd_cache import get_or_compute  # noqa: E402
-from sd_scripts_lorax.transfer import transfer  # noqa: E402
+from sd_scripts_lorax.formats.checkpoint import Checkpoint
+from sd_scripts_lorax.testing.fixtures import derive_fixture, write_fixture
+from sd_scripts_lorax.formats.lora_file import LoraModule, lorax_metadata, minimum_kohya_metadata, write_lora
+from sd_scripts_lorax.lorax import lorax_factors, top_bases
+from sd_scripts_lorax.cache.svd_cache import get_or_compute
+from sd_scripts_lorax.transfer.engine import transfer
 
 # posix_fadvise is Linux/POSIX only; without it the page-cache state cannot be controlled.
 CAN_EVICT = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")

@@ -11,7 +11,7 @@ Pairs (source = the committed embedded SOURCE in every case):
   the source where shapes agree and distilled to match the source's noise predictions; transferred
   with `--match similarity`.
 Per pair and seed, every variant is evaluated on the held-out style images with fixed noise and
-timesteps (sd_scripts_lorax.evaluate): no adapter; LoRA-X copied as is; LoRA-X transferred; LoRA-X
+timesteps (sd_scripts_lorax.tools.evaluate): no adapter; LoRA-X copied as is; LoRA-X transferred; LoRA-X
 trained on the target (reference); a plain LoRA (lycoris algo=lora, preset unet-transformer-only, same rank) copied and transferred
 (Table 2); the source d copied into the target's bases without projection (Table 5). Then a threshold
 sweep and a rank sweep. Writes results.md, results.json and PNG plots into --out.
@@ -37,8 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere; networks.lora_x is imported from the root
 
-from sd_scripts_lorax import evaluate  # noqa: E402
-from sd_scripts_lorax.demo import float32_copy, load_folder_images, write_text  # noqa: E402
+from sd_scripts_lorax.tools import evaluate
+from sd_scripts_lorax.tools.demo import float32_copy, load_folder_images, write_text
 
 CACHE = REPO / ".cache" / "reproduce"
 V_NONE, V_COPY, V_TRANSFER, V_REF = "no adapter", "LoRA-X copied", "LoRA-X transferred", "LoRA-X trained on target"
@@ -85,7 +85,7 @@ def _key(settings: dict) -> str:
 def _latent_data(model: Path, distribution: str, n: int, seed: int):
     from transformers import CLIPTokenizer
 
-    from sd_scripts_lorax.embedded import pretrain
+    from sd_scripts_lorax.testing.embedded import pretrain
 
     v = evaluate.load_variant(model)
     x, caps = pretrain.make_images(distribution, n, seed)
@@ -110,8 +110,8 @@ def finetuned_target(source: Path, name: str, steps: int) -> Path:
     """The source UNet fine-tuned `steps` steps on the shifted distribution at FINETUNE_LR[name]."""
     from diffusers import DDPMScheduler
 
-    from sd_scripts_lorax.embedded import pretrain
-    from sd_scripts_lorax.embedded.build import NOISE_SCHEDULE
+    from sd_scripts_lorax.testing.embedded import pretrain
+    from sd_scripts_lorax.testing.embedded.build import NOISE_SCHEDULE
 
     settings = {"kind": "finetune", "lr": FINETUNE_LR[name], "steps": steps, "images": 512, "batch": 16, "v": 1}
     dest = CACHE / "targets" / f"{name}-{_key(settings)}"
@@ -130,7 +130,7 @@ def distilled_target(source: Path, steps: int) -> Path:
     renumbered by position), then trained to match the source's noise predictions."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from sd_scripts_lorax.embedded.build import NOISE_SCHEDULE
+    from sd_scripts_lorax.testing.embedded.build import NOISE_SCHEDULE
 
     settings = {"kind": "distill", "layers_per_block": 1, "steps": steps, "images": 512, "batch": 16, "v": 1}
     dest = CACHE / "targets" / f"distilled-{_key(settings)}"
@@ -203,7 +203,7 @@ def train_adapter(model: Path, data: Path, out_dir: Path, name: str, plan: Plan,
 def keep_transformer_modules(path: Path) -> None:
     """Drop a plain LoRA's modules outside the transformer blocks (lycoris also adapts e.g. the time
     embedding, which the LoRA-X rows leave alone): both plain rows then cover LoRA-X's modules."""
-    from sd_scripts_lorax.lora_file import read_lora, write_lora
+    from sd_scripts_lorax.formats.lora_file import read_lora, write_lora
 
     lf = read_lora(path)
     kept = [m for n, m in lf.modules.items() if "_attentions_" in n]
@@ -213,7 +213,7 @@ def keep_transformer_modules(path: Path) -> None:
 def transfer_adapter(lora: Path, source: Path, target: Path, dest: Path, threshold: float, match: str
                      ) -> tuple[Path, int, int]:
     """Our transfer in-process; returns (file, modules kept, modules in the input)."""
-    from sd_scripts_lorax.transfer import transfer
+    from sd_scripts_lorax.transfer.engine import transfer
 
     (rep,) = transfer(lora, source, target, dest, threshold=threshold, match=match, overwrite=True, progress=False,
                       svd_cache_dir=CACHE / "svd")
@@ -223,8 +223,8 @@ def transfer_adapter(lora: Path, source: Path, target: Path, dest: Path, thresho
 def d_copied_adapter(lora: Path, source: Path, target: Path, dest: Path) -> Path:
     """Table 5: the source's singular-value shifts d put into the target's own bases, no projection:
     up = U_t diag(d_s), down = V_t^T (modules paired by name)."""
-    from sd_scripts_lorax.checkpoint import Checkpoint
-    from sd_scripts_lorax.lora_file import LoraModule, read_lora, write_lora
+    from sd_scripts_lorax.formats.checkpoint import Checkpoint
+    from sd_scripts_lorax.formats.lora_file import LoraModule, read_lora, write_lora
     from sd_scripts_lorax.lorax import top_bases
     from sd_scripts_lorax.lorax.factors import d_from_factors
 
@@ -273,7 +273,7 @@ class Evaluator:
 # ---------------------------------------------------------------- the study
 
 def run(out: Path, plan: Plan) -> dict:
-    from sd_scripts_lorax.embedded import embedded_model_path, write_style_dataset
+    from sd_scripts_lorax.testing.embedded import embedded_model_path, write_style_dataset
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +415,7 @@ def plots(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sd_scripts_lorax.atomic import atomic_write
+    from sd_scripts_lorax.formats.atomic import atomic_write
 
     def save(fig, name: str) -> None:
         with atomic_write(out / name) as tmp:

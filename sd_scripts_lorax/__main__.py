@@ -10,7 +10,7 @@ from .errors import EXIT_BAD_INPUT, cli_errors
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect_cmd import run
+    from .tools.inspect import run
 
     return run(args.path, base=args.base, as_json=args.json, with_hashes=not args.no_hash)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_scripts_lorax.fixtures import derive_fixture, write_fixture
+from sd_scripts_lorax.testing.fixtures import derive_fixture, write_fixture
 
 FIXTURE_SEED = 0
 DERIVED_SEED = 1

@@ -41,7 +41,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..finite import all_finite
+from ..formats.finite import all_finite
 from .lapack import gram_upper, serial_blas, top_eigh
 
 METHODS = ("auto", "exact", "gram", "randomized")

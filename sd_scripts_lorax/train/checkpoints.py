@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from ..formats.atomic import atomic_write
 from ..errors import LoraxInputError
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -243,7 +243,7 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if output_config:
         text = dump_config(args)
         if config_file and not Path(config_file).exists():
-            from ..atomic import atomic_write
+            from ..formats.atomic import atomic_write
             with atomic_write(config_file) as tmp:
                 tmp.write_text(text, encoding="utf-8")
             print(f"wrote {config_file}", file=sys.stderr)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..lora_file import base_model_version, modelspec_architecture, modelspec_implementation
+from ..formats.lora_file import base_model_version, modelspec_architecture, modelspec_implementation
 
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
@@ -19,7 +19,7 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
 def file_hashes(path: Path) -> tuple[str, str] | None:
     """(legacy A1111 hash, full sha256) of the model, as the checkpoint reader computes them in one pass
     (a diffusers folder: of its UNet weights); None when the path is not a readable checkpoint."""
-    from ..checkpoint import Checkpoint
+    from ..formats.checkpoint import Checkpoint
     from ..errors import LoraxInputError
 
     try:

@@ -1,7 +1,7 @@
 """Loading the base model for training, and the two conditioning paths (SD1/2 and SDXL).
 
 Models load from a diffusers folder (tokenizers from the folder, never from a hub), or from a
-single-file checkpoint through `sd_scripts_lorax.ldm_convert` when that converter is installed.
+single-file checkpoint through `sd_scripts_lorax.families.ldm_convert` when that converter is installed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraxInputError
-from ..model_configs import VAE_SCALING
+from ..families.model_configs import VAE_SCALING
 
 
 @dataclass
@@ -127,10 +127,10 @@ def _load_single_file(path: Path, tokenizer_cache_dir: str | None = None) -> tup
 
     from transformers import CLIPTokenizer
 
-    from .. import ldm_convert
-    from ..checkpoint import Checkpoint, read_safetensors_header
-    from ..model_configs import build_models
-    from ..tiny_tokenizer import write_tokenizer
+    from ..families import ldm_convert
+    from ..formats.checkpoint import Checkpoint, read_safetensors_header
+    from ..families.model_configs import build_models
+    from ..testing.tiny_tokenizer import write_tokenizer
 
     with Checkpoint.open(path) as ck:  # LoraxInputError on corrupt files and unknown families
         family = ck.family

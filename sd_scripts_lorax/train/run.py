@@ -237,7 +237,7 @@ def lorax_extra_metadata(args: Mapping[str, Any], models: TrainModels) -> dict[s
     if args["network_module"] != "networks.lora_x":
         return {}
     try:
-        from ..lora_file import lorax_metadata
+        from ..formats.lora_file import lorax_metadata
     except ImportError:
         return {}
     try:

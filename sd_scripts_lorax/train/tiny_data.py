@@ -22,7 +22,7 @@ TINY_DATA = "tiny-bluefire"
 def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     """A diffusers folder (model_index.json, unet, text_encoder(s), tokenizer(s), vae, scheduler)."""
     try:
-        from ..fixtures import write_fixture  # the shared fixture writer, when present
+        from ..testing.fixtures import write_fixture
     except ImportError:
         write_fixture = None
     if write_fixture is not None:
@@ -30,8 +30,8 @@ def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
         return out
     from diffusers import DDIMScheduler
 
-    from ..model_configs import build_models
-    from ..tiny_tokenizer import write_tokenizer
+    from ..families.model_configs import build_models
+    from ..testing.tiny_tokenizer import write_tokenizer
 
     models = build_models(family, "tiny", seed=seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
 
 def write_tiny_dataset(out: Path, seed: int = 0) -> Path:
     """24 64x64 PNGs with captions in `out/10_bluefire/`."""
-    from ..embedded import write_style_dataset
+    from ..testing.embedded import write_style_dataset
 
     write_style_dataset(out, seed=seed, split="train", per_concept=4)
     return out

@@ -1,0 +1,583 @@
+"""The LoRA-X network: kohya's network-module contract over `modules.LoraXModule`.
+
+`create_network` / `create_network_from_weights` / `LoraXNetwork` are what kohya's
+`train_network.py` (and our own trainer) call, in the order given in kohya-interfaces.md section 1.3.
+The network finds its targets by class name exactly like kohya's `networks/lora.py`, names them the
+kohya way (SD1/2 diffusers paths, SDXL SAI paths, `text_model.` TE paths), computes each target's
+top-r bases once (batched by shape, cached by content hash when asked), and saves plain kohya LoRA
+files (`lora_down` = V^T, `lora_up` = U diag(d), `alpha` = r).
+
+The network's own state_dict is `<lora_name>.d` per applied module; the kohya triple exists only in
+files (`save_weights`, `load_weights`, `merge_to`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import LoraxInputError
+from ..formats.finite import all_finite
+from ..lorax import Bases, d_from_factors, energy_in_subspace, top_bases_batched
+from .layer import WRAPPABLE, LoraXModule, is_kxk
+from ..cache.svd_cache import get_many
+from ..families.naming import UnetBlockMap, kohya_name, te_path_to_kohya, unet_path_to_kohya
+
+logger = logging.getLogger(__name__)
+
+NETWORK_MODULE = "networks.lora_x"
+DEFAULT_RANK = 320
+
+# Immutable on purpose: kohya's own lora.py extends its class-level list in place (a known pitfall).
+UNET_TARGETS: tuple[str, ...] = ("Transformer2DModel",)
+UNET_CONV_TARGETS: tuple[str, ...] = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_TARGETS: tuple[str, ...] = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+KNOWN_ARGS = ("conv_dim", "svd_cache_dir", "svd_device", "svd_method")
+# Bytes of fp32 weights stacked into one batched SVD call (bounds the peak memory of creation).
+_BATCH_BYTES = 256 * 2**20
+
+
+# ---------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """Parsed network settings (kohya passes `network_args` values as strings)."""
+
+    rank: int = DEFAULT_RANK
+    conv_rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    svd_cache_dir: str | None = None
+    svd_device: str | None = None
+    svd_method: str = "auto"
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        as_float = float(value)
+        ok = as_float.is_integer() and as_float > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise LoraxInputError(f"network argument {name}={value!r}: expected a positive integer rank")
+    return int(as_float)
+
+
+def _optional_float(name: str, value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise LoraxInputError(f"network argument {name}={value!r}: expected a number") from None
+
+
+def parse_options(network_dim: Any, network_alpha: Any, neuron_dropout: Any,
+                  kwargs: Mapping[str, Any]) -> NetworkOptions:
+    """Turn kohya's arguments (numbers or strings) into NetworkOptions; unknown keys only warn."""
+    rank = DEFAULT_RANK if network_dim is None else _positive_int("network_dim", network_dim)
+    conv = kwargs.get("conv_dim")
+    conv_rank = None if conv is None or str(conv).strip().lower() in ("", "none") else _positive_int("conv_dim", conv)
+    device = kwargs.get("svd_device")
+    if device is not None and str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise LoraxInputError(f"network argument svd_device={device!r}: expected cpu or cuda")
+    method = str(kwargs.get("svd_method") or "auto")
+    from ..lorax import METHODS
+    if method not in METHODS:
+        raise LoraxInputError(f"network argument svd_method={method!r}: expected one of {', '.join(METHODS)}")
+    # kohya's trainer injects `dropout` (its --network_dropout, usually None) beside neuron_dropout:
+    # the same option, so it is read, not warned about.
+    if neuron_dropout is None and kwargs.get("dropout") not in (None, "", "None"):
+        neuron_dropout = kwargs["dropout"]
+    unknown = sorted(k for k in kwargs if k not in KNOWN_ARGS and k != "dropout")
+    if unknown:
+        logger.warning("networks.lora_x: ignoring network arguments it does not use: %s", ", ".join(unknown))
+    cache = kwargs.get("svd_cache_dir")
+    return NetworkOptions(
+        rank=rank, conv_rank=conv_rank, alpha=_optional_float("network_alpha", network_alpha),
+        dropout=_optional_float("neuron_dropout", neuron_dropout),
+        svd_cache_dir=str(cache) if cache not in (None, "", "None") else None,
+        svd_device=str(device) if device is not None else None, svd_method=method,
+    )
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """One base layer the network adapts."""
+
+    lora_name: str
+    part: str          # "unet" | "te" | "te1" | "te2"
+    base: nn.Module    # a Linear or Conv2d
+    rank: int          # requested rank; the module keeps min(rank, out, in*kh*kw)
+    alias: str | None = None  # SDXL: the diffusers-style kohya name that some files use instead
+
+
+def text_encoder_parts(text_encoder: Any) -> list[tuple[str, nn.Module]]:
+    """kohya's TE prefixes: one module or a list of one -> "te"; a list of two -> "te1", "te2"."""
+    if text_encoder is None:
+        return []
+    tes = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    tes = [t for t in tes if t is not None]
+    if len(tes) == 1:
+        return [("te", tes[0])]
+    if len(tes) == 2:
+        return [("te1", tes[0]), ("te2", tes[1])]
+    raise LoraxInputError(f"networks.lora_x: expected 1 or 2 text encoders, got {len(tes)}")
+
+
+def unet_naming(unet: nn.Module) -> tuple[str, UnetBlockMap | None]:
+    """(family for naming, block map): kohya's SDXL UNet and SD1/2 keep their paths; a diffusers
+    SDXL UNet (addition_embed_type "text_time") is mapped to SAI names."""
+    if type(unet).__name__ == "SdxlUNet2DConditionModel":
+        return "sd1", None  # already SAI-style paths: use them as they are
+    config = getattr(unet, "config", None)
+    if config is not None and config.get("addition_embed_type") == "text_time":
+        return "sdxl", UnetBlockMap.from_diffusers_config(config)
+    return "sd1", None
+
+
+def _wrappable_children(root: nn.Module, classes: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """(full path, layer) of every Linear/Conv2d inside a module whose class name is in `classes`."""
+    for name, module in root.named_modules():
+        if type(module).__name__ not in classes:
+            continue
+        for child_name, child in module.named_modules():
+            if child_name and type(child).__name__ in WRAPPABLE:
+                yield f"{name}.{child_name}" if name else child_name, child
+
+
+def find_targets(text_encoder: Any, unet: nn.Module | None, rank: int, conv_rank: int | None,
+                 ranks: Mapping[str, int] | None = None) -> list[Target]:
+    """The layers kohya's rules select, named the kohya way.
+
+    With `ranks` (from a weights file) the conv classes are searched too and only the names in
+    `ranks` are kept, at their given rank; otherwise Linear / 1x1 convs get `rank` and kxk convs
+    `conv_rank` (skipped when it is None; conv classes are searched only when it is given).
+    """
+    search: list[tuple[str, nn.Module, tuple[str, ...], Any, bool]] = []
+    for part, te in text_encoder_parts(text_encoder):
+        search.append((part, te, TE_TARGETS, te_path_to_kohya, False))
+    if unet is not None:
+        family, block_map = unet_naming(unet)
+        classes = UNET_TARGETS + (UNET_CONV_TARGETS if (conv_rank is not None or ranks is not None) else ())
+        search.append(("unet", unet, classes, lambda p: unet_path_to_kohya(p, family, block_map), family == "sdxl"))
+    targets: dict[str, Target] = {}
+    seen: set[int] = set()
+    for part, root, classes, to_kohya, aliased in search:
+        for path, layer in _wrappable_children(root, classes):
+            if id(layer) in seen:
+                continue  # nested target classes reach the same layer twice
+            seen.add(id(layer))
+            name = kohya_name(part, to_kohya(path))
+            # kohya also reads SDXL files written with diffusers-style UNet names
+            alias = kohya_name(part, path) if aliased else None
+            if name in targets:
+                raise LoraxInputError(f"networks.lora_x: two layers map to the same name {name}")
+            if ranks is not None:
+                r = ranks.get(name, ranks.get(alias)) if alias else ranks.get(name)
+                if r is None:
+                    continue
+            else:
+                r = conv_rank if is_kxk(layer) else rank
+                if r is None:
+                    continue
+            if type(layer).__name__ == "Conv2d" and layer.groups != 1:
+                logger.warning("networks.lora_x: skipping grouped conv %s (groups=%d)", name, layer.groups)
+                continue
+            targets[name] = Target(name, part, layer, int(r), alias)
+    return list(targets.values())
+
+
+# ---------------------------------------------------------------------------- bases
+
+
+def _svd_device(weight: torch.Tensor, svd_device: str | None) -> torch.device:
+    if svd_device is not None:
+        return torch.device(svd_device)
+    return weight.device
+
+
+def check_finite(targets: Iterable[Target]) -> None:
+    """Refuse NaN/Inf base weights (LoraxInputError naming the module and its shape)."""
+    for t in targets:
+        w = t.base.weight
+        if not all_finite(w):
+            what = "NaN" if torch.isnan(w).any() else "Inf"
+            raise LoraxInputError(f"base model: module {t.lora_name} weight {tuple(w.shape)} contains {what}")
+
+
+def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_device: str | None) -> list[Bases]:
+    """Bases of same-shaped weights, stacked into as few batched SVD calls as memory allows."""
+    per_item = 4 * weights[0].numel()
+    step = max(1, _BATCH_BYTES // per_item)
+    out: list[Bases] = []
+    for start in range(0, len(weights), step):
+        chunk = weights[start:start + step]
+        device = _svd_device(chunk[0], svd_device)
+        with torch.no_grad():
+            stack = torch.stack([w.detach().to(device, torch.float32) for w in chunk])
+            bases = top_bases_batched(stack, rank, method)
+        out.extend(bases[i].to(w.device) for i, w in enumerate(chunk))
+    return out
+
+
+def compute_bases(targets: list[Target], method: str = "auto", svd_device: str | None = None,
+                  cache_dir: str | None = None) -> dict[str, Bases]:
+    """Top-r bases per target: one SVD each, same-shaped weights batched, optional content-hash cache.
+
+    NaN/Inf weights raise LoraxInputError before their SVD. Without a cache every weight is checked
+    up front; with one only the misses are: a hit proves the weight finite, since entries are only
+    written for bases computed from checked weights (a full pass over ~1.4 GB saved on SD1.5).
+    """
+    if cache_dir is None:
+        check_finite(targets)
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        w = t.base.weight
+        groups.setdefault((tuple(w.shape), w.dtype, t.rank, str(w.device)), []).append(t)
+    out: dict[str, Bases] = {}
+    for (_, _, rank, _), members in groups.items():
+        weights = [t.base.weight for t in members]
+
+        def compute_missing(missing: list[int], members=members, weights=weights, rank=rank) -> list[Bases]:
+            if cache_dir is not None:
+                check_finite(members[i] for i in missing)
+            return _batched_bases([weights[i] for i in missing], rank, method, svd_device)
+
+        found = get_many(weights, rank, cache_dir, compute_missing, method=method)
+        out.update((t.lora_name, b) for t, b in zip(members, found))
+    return out
+
+
+# ---------------------------------------------------------------------------- network
+
+
+class LoraXNetwork(nn.Module):
+    """LoRA-X adapters on a UNet and its text encoder(s), with kohya's network-module methods."""
+
+    def __init__(self, targets: list[Target], options: NetworkOptions, multiplier: float = 1.0,
+                 lazy: bool = False) -> None:
+        super().__init__()
+        self.options = options
+        self.multiplier = float(multiplier)
+        self._targets = {t.lora_name: t for t in targets}
+        self._aliases = {t.alias: t.lora_name for t in targets if t.alias}
+        self._not_applied: set[str] = set()
+        self.text_encoder_loras: list[LoraXModule] = []
+        self.unet_loras: list[LoraXModule] = []
+        self._built = False
+        self._enabled = True
+        if lazy:
+            check_finite(targets)  # refuse bad weights now, not when something first needs the bases
+        else:
+            self._build()  # compute_bases checks the weights it has to decompose
+
+    # -- construction
+
+    def _build(self) -> None:
+        if self._built:
+            return
+        targets = list(self._targets.values())
+        bases = compute_bases(targets, self.options.svd_method, self.options.svd_device, self.options.svd_cache_dir)
+        for t in targets:
+            mod = LoraXModule(t.lora_name, t.base, bases[t.lora_name], self.multiplier, self.options.dropout)
+            (self.unet_loras if t.part == "unet" else self.text_encoder_loras).append(mod)
+        self._built = True
+        logger.info("networks.lora_x: %d text-encoder and %d UNet modules, %d trainable numbers",
+                    len(self.text_encoder_loras), len(self.unet_loras),
+                    sum(m.rank for m in self.text_encoder_loras + self.unet_loras))
+
+    def all_loras(self) -> list[LoraXModule]:
+        """Every module built, applied or not."""
+        self._build()
+        return self.text_encoder_loras + self.unet_loras
+
+    def _by_name(self) -> dict[str, LoraXModule]:
+        return {m.lora_name: m for m in self.all_loras()}
+
+    # -- kohya contract: setup
+
+    def prepare_network(self, args: Any) -> None:
+        """kohya hook; nothing to prepare."""
+
+    def apply_to(self, text_encoder: Any = None, unet: Any = None, apply_text_encoder: bool = True,
+                 apply_unet: bool = True) -> None:
+        """Patch the targeted layers and register the modules (names give state_dict keys `<lora_name>.d`)."""
+        self._build()
+        chosen = (self.text_encoder_loras if apply_text_encoder else []) + (self.unet_loras if apply_unet else [])
+        if not apply_text_encoder:
+            self._not_applied |= {m.lora_name for m in self.text_encoder_loras}
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._not_applied |= {m.lora_name for m in self.unet_loras}
+            self.unet_loras = []
+        for mod in chosen:
+            mod.apply_to()
+            mod.enabled = self._enabled
+            if mod.lora_name not in self._modules:
+                self.add_module(mod.lora_name, mod)
+
+    def applied_loras(self) -> list[LoraXModule]:
+        """The modules registered by `apply_to` (what training and saving see)."""
+        return [m for m in self.children() if isinstance(m, LoraXModule)]
+
+    def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.train()
+
+    def on_step_start(self, *args: Any, **kwargs: Any) -> None:
+        """kohya hook; nothing per step."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the adapters run inside the base blocks, which checkpoint themselves."""
+
+    def get_trainable_params(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def prepare_optimizer_params(self, text_encoder_lr: Any = None, unet_lr: Any = None,
+                                 default_lr: Any = None) -> list[dict[str, Any]]:
+        """A plain list of param groups; a group whose learning rate is 0/None after defaults is left out."""
+        if isinstance(text_encoder_lr, (list, tuple)):
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        applied = {m.lora_name for m in self.applied_loras()}
+        groups = []
+        for loras, lr in ((self.text_encoder_loras, text_encoder_lr), (self.unet_loras, unet_lr)):
+            lr = default_lr if lr is None else lr
+            params = [m.d for m in loras if m.lora_name in applied]
+            if params and lr:
+                groups.append({"params": params, "lr": float(lr)})
+        return groups
+
+    # -- switches
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for m in self.text_encoder_loras + self.unet_loras:  # built ones only: no SVD for this
+            m.multiplier = self.multiplier
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = bool(enabled)
+        for m in self.text_encoder_loras + self.unet_loras:
+            m.enabled = self._enabled
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    # -- norms
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device: Any = None) -> tuple[int, float, float]:
+        """Clamp ||dW||_F = ||d|| (U, V orthonormal) to max_norm; returns (keys scaled, mean norm, max norm)."""
+        norms, scaled = [], 0
+        for m in self.applied_loras():
+            norm = m.d.norm()
+            if norm > max_norm:
+                m.d.mul_(max_norm / norm)
+                scaled += 1
+            norms.append(float(m.d.norm()))
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
+    # -- files
+
+    def lora_modules(self) -> list:
+        """The kohya triples of the applied modules (all built ones when nothing was applied)."""
+        from ..formats.lora_file import LoraModule
+        mods = self.applied_loras() or self.all_loras()
+        return [LoraModule(m.lora_name, m.down_weight(), m.up_weight(), float(m.rank)) for m in mods]
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, str] | None = None) -> None:
+        """Write a kohya LoRA file: lora_down = V^T, lora_up = U diag(d), alpha = r, + metadata."""
+        from ..formats.lora_file import lorax_metadata, write_lora
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta.setdefault("ss_network_module", NETWORK_MODULE)
+        # The source model as kohya's trainer records it (name and full-file hash, else the legacy one).
+        source_hash = meta.get("ss_new_sd_model_hash") or meta.get("ss_sd_model_hash") or "unknown"
+        meta.update(lorax_metadata(self.options.rank, meta.get("ss_sd_model_name", "unknown"), source_hash))
+        write_lora(file, self.lora_modules(), meta, dtype=dtype, overwrite=True)
+
+    def _canonical(self, modules: Mapping[str, Any]) -> dict[str, Any]:
+        """A file's modules keyed by this network's names (SDXL diffusers-style names mapped to SAI)."""
+        return {self._aliases.get(name, name): lm for name, lm in modules.items()}
+
+    def _projections(self, file_name: str, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """d per module from a file's factors; raises before anything is changed."""
+        mine = self._by_name()
+        unknown = [n for n in modules if n not in mine]
+        if unknown:
+            raise LoraxInputError(
+                f"{file_name}: {len(unknown)} module(s) do not fit this model (rank {self.options.rank}, "
+                f"conv_dim {self.options.conv_rank}): {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        out = {}
+        for name, lm in modules.items():
+            m = mine[name]
+            wshape = tuple(m.base.weight.shape)
+            down, up = lm.down, lm.up
+            n_in = math.prod(wshape[1:])
+            if up.shape[0] != wshape[0] or down[0].numel() != n_in or up.shape[1] != down.shape[0]:
+                raise LoraxInputError(f"{file_name}: module {name}: lora_up {tuple(up.shape)} / lora_down "
+                                      f"{tuple(down.shape)} do not fit the base weight {wshape}")
+            d = d_from_factors(m.u.float(), m.down.float().reshape(m.rank, -1).t(), up.float(), down.float(),
+                               scale=lm.scale)
+            if not torch.isfinite(d).all():
+                raise LoraxInputError(f"{file_name}: module {name} holds NaN/Inf factors")
+            out[name] = d
+        return out
+
+    def load_weights(self, file: str | os.PathLike) -> dict[str, Any]:
+        """Set d from a LoRA(-X) file: d = diag(U^T up down V) * alpha/r (exact for LoRA-X files).
+
+        A plain LoRA file is projected onto the base subspace; the share of its energy kept is logged.
+        """
+        from ..formats.lora_file import is_lorax, read_lora
+        lf = read_lora(file)
+        modules = self._canonical(lf.modules)
+        # modules of a part that apply_to left out (e.g. --network_train_unet_only) are skipped, as kohya does
+        skipped = sorted(n for n in modules if n in self._not_applied)
+        modules = {n: lm for n, lm in modules.items() if n not in self._not_applied}
+        ds = self._projections(str(file), modules)
+        mine = self._by_name()
+        info: dict[str, Any] = {"loaded": len(ds), "skipped": skipped, "missing": sorted(set(mine) - set(ds)),
+                                "lorax": is_lorax(lf)}
+        info.update(self._energy_report(str(file), modules, ds, info["lorax"]))
+        with torch.no_grad():
+            for name, d in ds.items():
+                mine[name].d.copy_(d.to(mine[name].d.device))
+        return info
+
+    def _energy_report(self, file_name: str, modules: Mapping[str, Any], ds: Mapping[str, torch.Tensor],
+                       lorax: bool) -> dict[str, float]:
+        """Share of the file's update (Frobenius, over all modules) inside the bases, and kept as d."""
+        mine = self._by_name()
+        sub_num = sub_den = diag_num = 0.0
+        for name, lm in modules.items():
+            m = mine[name]
+            v = m.down.float().reshape(m.rank, -1).t()
+            e = energy_in_subspace(lm.up.float(), lm.down.float(), m.u.float(), v)
+            # ||dW||_F^2 from the factors, without the out x in product
+            up2 = lm.up.double().reshape(lm.up.shape[0], -1)
+            down2 = lm.down.double().reshape(lm.down.shape[0], -1)
+            total2 = float(((up2.t() @ up2) * (down2 @ down2.t())).sum()) * lm.scale ** 2
+            sub_num += e * e * total2
+            sub_den += total2
+            diag_num += float(ds[name].double().square().sum())
+        subspace = math.sqrt(sub_num / sub_den) if sub_den > 0 else 1.0
+        diagonal = math.sqrt(diag_num / sub_den) if sub_den > 0 else 1.0
+        if not lorax:
+            logger.warning("%s is not a LoRA-X file: its update was projected onto the base subspace; "
+                           "%.1f%% of its energy lies in that subspace and %.1f%% is kept as LoRA-X d",
+                           file_name, 100 * subspace, 100 * diagonal)
+        elif diagonal < 0.999:
+            logger.warning("%s: only %.1f%% of this LoRA-X file's update fits this model's bases; was it made for "
+                           "another base model? (transfer_lorax.py carries it over)", file_name, 100 * diagonal)
+        return {"energy_in_subspace": subspace, "energy_kept": diagonal}
+
+    @torch.no_grad()
+    def merge_to(self, text_encoder: Any = None, unet: Any = None, weights_sd: Mapping[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        """Fold updates into the base weights.
+
+        With `weights_sd` (kohya's `--base_weights`): the file's full update multiplier * up @ down *
+        alpha/r is merged exactly, LoRA-X or plain LoRA alike. Without: this network's own d.
+        """
+        if weights_sd is None:
+            for m in self.all_loras():
+                m.merge_to()
+            return
+        modules = self._canonical(modules_from_state_dict(weights_sd, "merge_to"))
+        unknown = [n for n in modules if n not in self._targets]
+        if unknown:
+            raise LoraxInputError(f"merge_to: {len(unknown)} module(s) do not fit this model: "
+                                  f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        deltas = {}
+        for name, lm in modules.items():
+            w = self._targets[name].base.weight
+            up2 = lm.up.float().reshape(lm.up.shape[0], -1)
+            down2 = lm.down.float().reshape(lm.down.shape[0], -1)
+            if up2.shape[0] != w.shape[0] or down2.shape[1] != w[0].numel() or up2.shape[1] != down2.shape[0]:
+                raise LoraxInputError(f"merge_to: module {name}: lora_up {tuple(lm.up.shape)} / lora_down "
+                                      f"{tuple(lm.down.shape)} do not fit the base weight {tuple(w.shape)}")
+            deltas[name] = (up2.to(w.device) @ down2.to(w.device)) * (lm.scale * self.multiplier)
+        for name, dw in deltas.items():
+            w = self._targets[name].base.weight
+            w.copy_((w.float() + dw.reshape(w.shape)).to(w.dtype))
+        logger.info("networks.lora_x: merged %d modules into the base weights", len(deltas))
+
+
+# ---------------------------------------------------------------------------- kohya state dicts
+
+
+def state_dict_of(modules: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """LoraModules as kohya's flat state dict (what create_network_from_weights hands back)."""
+    from ..formats.lora_file import ALPHA, DOWN, UP
+    sd: dict[str, torch.Tensor] = {}
+    for lm in modules:
+        sd[f"{lm.name}.{DOWN}"] = lm.down
+        sd[f"{lm.name}.{UP}"] = lm.up
+        sd[f"{lm.name}.{ALPHA}"] = torch.tensor(float(lm.alpha))
+    return sd
+
+
+def modules_from_state_dict(weights_sd: Mapping[str, torch.Tensor], origin: str) -> dict[str, Any]:
+    """Group a kohya state dict (`weights_sd` as kohya passes it) into LoraModules, validated by lora_file."""
+    from ..formats import lora_file
+    return lora_file.modules_from_tensors(weights_sd, origin)
+
+
+# ---------------------------------------------------------------------------- kohya entry points
+
+
+def create_network(multiplier: float, network_dim: Any, network_alpha: Any, vae: Any, text_encoder: Any,
+                   unet: nn.Module, neuron_dropout: Any = None, **kwargs: Any) -> LoraXNetwork:
+    """kohya's `create_network`: a LoRA-X network of rank `network_dim` (default 320), d = 0."""
+    options = parse_options(network_dim, network_alpha, neuron_dropout, kwargs)
+    if options.alpha is not None:
+        logger.info("networks.lora_x: network_alpha=%g is recorded but not applied (LoRA-X saves alpha = rank)",
+                    options.alpha)
+    targets = find_targets(text_encoder, unet, options.rank, options.conv_rank)
+    return LoraXNetwork(targets, options, multiplier)
+
+
+def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoder: Any,
+                                unet: nn.Module, weights_sd: Mapping[str, torch.Tensor] | None = None,
+                                for_inference: bool = False, **kwargs: Any
+                                ) -> tuple[LoraXNetwork, dict[str, torch.Tensor]]:
+    """kohya's `create_network_from_weights`: modules and ranks from a LoRA(-X) file.
+
+    `for_inference=True` (kohya's --base_weights) skips the SVDs until something needs them:
+    `merge_to` with the file's weights does not.
+    """
+    from ..formats.lora_file import read_lora
+    if weights_sd is None:
+        if file is None:
+            raise LoraxInputError("create_network_from_weights: neither a file nor weights_sd was given")
+        modules = read_lora(file).modules
+        weights_sd = state_dict_of(modules.values())
+    else:
+        modules = modules_from_state_dict(weights_sd, str(file or "weights_sd"))
+    ranks = {name: lm.rank for name, lm in modules.items()}
+    options = parse_options(max(ranks.values(), default=DEFAULT_RANK), None, None, kwargs)
+    targets = find_targets(text_encoder, unet, options.rank, options.conv_rank, ranks=ranks)
+    found = {t.lora_name for t in targets} | {t.alias for t in targets if t.alias}
+    unknown = [n for n in ranks if n not in found]
+    if unknown:
+        raise LoraxInputError(f"{file or 'weights_sd'}: {len(unknown)} module(s) do not fit this model: "
+                              f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    network = LoraXNetwork(targets, options, multiplier, lazy=for_inference)
+    return network, dict(weights_sd)

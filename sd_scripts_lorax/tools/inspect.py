@@ -1,0 +1,300 @@
+"""`python -m sd_scripts_lorax inspect`: what a checkpoint or a LoRA file is, and whether they fit.
+
+`inspect_path` builds a JSON-able report (a dict with at least `kind` and `family`);
+`format_report` renders it as a compact aligned table; `run` is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..formats.checkpoint import Checkpoint, read_safetensors_header
+from ..errors import LoraxInputError
+from ..formats.hashing import FileHashes, hash_file
+
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+BASE_MODEL_FIELDS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_base_model_version",
+                     "modelspec.architecture")
+LIST_LIMIT = 10
+_PARTS = ("unet", "te", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """What inspect needs of one LoRA module: factor shapes, stored alpha, dtype."""
+
+    down: tuple[int, ...]
+    up: tuple[int, ...]
+    alpha: float | None   # None when the file stores no alpha (kohya then uses alpha = rank)
+    dtype: str
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(path: str | os.PathLike, base: str | os.PathLike | None = None, as_json: bool = False,
+        with_hashes: bool = True) -> int:
+    """Inspect `path` (optionally against checkpoint `base`) and print a table or one JSON object."""
+    report = inspect_path(path, base=base, with_hashes=with_hashes)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0
+
+
+def inspect_path(path: str | os.PathLike, base: str | os.PathLike | None = None,
+                 with_hashes: bool = True) -> dict[str, Any]:
+    """A report on a checkpoint or a LoRA file; LoraxInputError on bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraxInputError(f"{path}: no such file or folder")
+    if is_lora_file(path):
+        return lora_report(path, base=base, with_hashes=with_hashes)
+    if base is not None:
+        raise LoraxInputError(f"{path}: --base only applies to a LoRA file, and this is a checkpoint")
+    return checkpoint_report(path, with_hashes=with_hashes)
+
+
+def is_lora_file(path: Path) -> bool:
+    """A safetensors file with kohya `lora_down`/`lora_up` keys (header only; validates the file)."""
+    if path.is_dir() or path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+        return False
+    header = read_safetensors_header(path)
+    return any(".lora_down." in k or ".lora_up." in k for k in header.tensors)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_report(path: Path, with_hashes: bool = True) -> dict[str, Any]:
+    """Family, layout, dtypes, kohya-targetable module counts per part and group, hashes."""
+    with Checkpoint.open(path) as ck:
+        counts: dict[str, dict[str, int]] = {}
+        for ref in ck.modules().values():
+            part = counts.setdefault(ref.part, {"attn": 0, "conv": 0})
+            part[ref.group] = part.get(ref.group, 0) + 1
+        keys = ck.keys()
+        report: dict[str, Any] = {
+            "kind": "checkpoint",
+            "path": str(path),
+            "name": ck.name,
+            "family": ck.family,
+            "layout": ck.layout,
+            "dtypes": {str(dt).removeprefix("torch."): n for dt, n in sorted(ck.dtypes().items(), key=str)},
+            "tensors": len(keys),
+            "ema_tensors": sum(k.startswith("model_ema.") for k in keys),
+            "modules": {p: counts[p] for p in _PARTS if p in counts},
+        }
+        if with_hashes:
+            report["hashes"] = _hash_dict(ck.hashes())
+    return report
+
+
+def _hash_dict(h: FileHashes) -> dict[str, str | None]:
+    return {"sha256": h.sha256, "autov2": h.autov2, "legacy": h.legacy, "addnet": h.addnet}
+
+
+# ---------------------------------------------------------------- LoRA files
+
+
+def read_lora_entries(path: Path) -> tuple[dict[str, LoraEntry], dict[str, str]]:
+    """The modules and metadata of a LoRA file: through lora_file.read_lora when it exists."""
+    if importlib.util.find_spec(f"{__package__}.lora_file") is not None:
+        from ..formats.lora_file import read_lora
+
+        lf = read_lora(path)
+        entries = {name: LoraEntry(tuple(m.down.shape), tuple(m.up.shape),
+                                   None if m.alpha is None else float(m.alpha), str(m.down.dtype).removeprefix("torch."))
+                   for name, m in lf.modules.items()}
+        return entries, dict(lf.metadata)
+    return _read_lora_direct(path)
+
+
+def _read_lora_direct(path: Path) -> tuple[dict[str, LoraEntry], dict[str, str]]:
+    from safetensors import safe_open
+
+    header = read_safetensors_header(path)
+    tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for key, info in header.tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix not in LORA_SUFFIXES:
+            raise LoraxInputError(f"{path}: key {key} {list(info[1])} has an unknown suffix "
+                                  f"(expected {', '.join(LORA_SUFFIXES)})")
+        tensors.setdefault(name, {})[suffix] = info
+    entries = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name, parts in tensors.items():
+            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+                raise LoraxInputError(f"{path}: module {name} lacks lora_down or lora_up")
+            alpha = float(f.get_tensor(f"{name}.alpha").float().item()) if "alpha" in parts else None
+            dt, down = parts["lora_down.weight"]
+            entries[name] = LoraEntry(down, parts["lora_up.weight"][1], alpha, dt)
+    return entries, header.metadata
+
+
+def lora_report(path: Path, base: str | os.PathLike | None = None, with_hashes: bool = True) -> dict[str, Any]:
+    """Network module, ranks, alphas, counts per part, LoRA-X or not, base-model fields, fit to `base`."""
+    entries, meta = read_lora_entries(path)
+    family, family_source = lora_family(entries, meta)
+    ranks = [e.down[0] for e in entries.values()]
+    alphas = [e.alpha if e.alpha is not None else float(e.down[0]) for e in entries.values()]
+    parts = Counter(_part(name) for name in entries)
+    report: dict[str, Any] = {
+        "kind": "lora",
+        "path": str(path),
+        "name": path.name,
+        "family": family,
+        "family_source": family_source,
+        "network_module": meta.get("ss_network_module"),
+        "is_lorax": any(k.startswith("lorax.") for k in meta),
+        "modules": len(entries),
+        "parts": {p: parts[p] for p in (*_PARTS, "other") if parts.get(p)},
+        "conv_kxk_modules": sum(len(e.down) == 4 and e.down[2:] != (1, 1) for e in entries.values()),
+        "rank": _spread(ranks),
+        "alpha": _spread(alphas),
+        "dtypes": dict(Counter(e.dtype for e in entries.values())),
+        "base_model": {k: v for k, v in meta.items()
+                       if k in BASE_MODEL_FIELDS or k.startswith(("lorax.source_", "lorax.target_"))},
+        "lorax": {k: v for k, v in meta.items() if k.startswith("lorax.")},
+    }
+    if with_hashes:
+        h = hash_file(path)
+        report["hashes"] = _hash_dict(h)
+        if "sshs_model_hash" in meta:  # kohya's sshs hash covers only the tensor data, as addnet does
+            report["sshs_model_hash_matches"] = meta["sshs_model_hash"] == h.addnet
+    if base is not None:
+        report["base"] = base_fit(entries, family, Path(base))
+    return report
+
+
+def _part(name: str) -> str:
+    for part in ("unet", "te1", "te2", "te"):  # longest prefixes first
+        if name.startswith(f"lora_{part}_"):
+            return part
+    return "other"
+
+
+def _spread(values: Iterable[float]) -> dict[str, float | None]:
+    values = list(values)
+    if not values:
+        return {"min": None, "max": None, "most_common": None}
+    return {"min": _num(min(values)), "max": _num(max(values)),
+            "most_common": _num(Counter(values).most_common(1)[0][0])}
+
+
+def _num(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def lora_family(entries: Mapping[str, LoraEntry], meta: Mapping[str, str]) -> tuple[str, str]:
+    """`(family, where it came from)`: metadata first, then the module names and widths."""
+    version = meta.get("ss_base_model_version", "")
+    for prefix, fam in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            return fam, "ss_base_model_version"
+    arch = meta.get("modelspec.architecture", "")
+    for prefix, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                        ("stable-diffusion-v1", "sd1")):
+        if arch.startswith(prefix):
+            return fam, "modelspec.architecture"
+    names = list(entries)
+    sai = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    if any(n.startswith(("lora_te1_", "lora_te2_", *sai)) for n in names):
+        return "sdxl", "names"
+    # SD1 and SD2 share names: tell them apart by the text (or cross-attention) width, 768 vs 1024;
+    # 2048 is SDXL's cross-attention width (a UNet-only SDXL LoRA with diffusers-style names)
+    widths = [e.down[1] for n, e in entries.items() if n.startswith("lora_te_") and n.endswith("_q_proj")]
+    widths += [e.down[1] for n, e in entries.items() if n.startswith("lora_unet_") and n.endswith("_attn2_to_k")]
+    for width, fam in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
+        if widths and widths[0] == width:
+            return fam, "widths"
+    return "sd1/sd2", "names"
+
+
+def fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """Whether LoRA factors fit a base weight: a [r,in] / [r,in,1,1] down fits a Linear or 1x1 conv of that in."""
+    if len(weight) not in (2, 4) or len(down) not in (2, 4) or len(up) not in (2, 4):
+        return False
+    pointwise = len(weight) == 2 or weight[2:] == (1, 1)
+    if pointwise:
+        down_ok = (len(down) == 2 or down[2:] == (1, 1)) and down[1] == weight[1]
+    else:
+        down_ok = len(down) == 4 and down[1:] == weight[1:]
+    up_ok = up[0] == weight[0] and up[1] == down[0] and (len(up) == 2 or up[2:] == (1, 1))
+    return down_ok and up_ok
+
+
+def base_fit(entries: Mapping[str, LoraEntry], lora_family_: str, base: Path) -> dict[str, Any]:
+    """Does every LoRA module map onto a module of `base` with matching shape?"""
+    with Checkpoint.open(base) as ck:
+        refs = ck.modules()
+        problems = []
+        for name, e in entries.items():
+            ref = refs.get(name)
+            if ref is None:
+                problems.append(f"{name}: no such module in {ck.name}")
+            elif not fits(e.down, e.up, ref.shape):
+                problems.append(f"{name}: down {list(e.down)} up {list(e.up)} vs weight {list(ref.shape)}")
+        return {
+            "path": str(base),
+            "family": ck.family,
+            "family_matches": lora_family_ == ck.family or (lora_family_ == "sd1/sd2" and ck.family != "sdxl"),
+            "fits": len(entries) - len(problems),
+            "total": len(entries),
+            "ok": not problems,
+            "problems": problems[:LIST_LIMIT],
+            "problem_count": len(problems),
+        }
+
+
+# ---------------------------------------------------------------- human output
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A compact, aligned two-column table of a report."""
+    rows: list[tuple[str, str]] = []
+    skip = {"modules", "parts", "rank", "alpha", "dtypes", "base_model", "lorax", "hashes", "base"}
+    for key, value in report.items():
+        if key not in skip:
+            rows.append((key, _cell(value)))
+    if report["kind"] == "checkpoint":
+        rows.append(("dtypes", _inline(report["dtypes"])))
+        for part, groups in report["modules"].items():
+            rows.append((f"modules {part}", _inline(groups)))
+    else:
+        rows.append(("modules", str(report["modules"])))
+        rows.append(("parts", _inline(report["parts"])))
+        rows.append(("rank", _inline(report["rank"])))
+        rows.append(("alpha", _inline(report["alpha"])))
+        rows.append(("dtypes", _inline(report["dtypes"])))
+        for k, v in {**report["base_model"], **report["lorax"]}.items():
+            rows.append((k, v))
+    for k, v in report.get("hashes", {}).items():
+        rows.append((f"hash {k}", _cell(v)))
+    if "base" in report:
+        b = report["base"]
+        rows.append(("base", f"{b['path']} ({b['family']})"))
+        rows.append(("base family matches", _cell(b["family_matches"])))
+        rows.append(("base fits", f"{b['fits']}/{b['total']}"))
+        for p in b["problems"]:
+            rows.append(("  mismatch", p))
+        if b["problem_count"] > len(b["problems"]):
+            rows.append(("  ...", f"{b['problem_count'] - len(b['problems'])} more"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _inline(d: Mapping[str, Any]) -> str:
+    return "  ".join(f"{k}={_cell(v)}" for k, v in d.items()) or "-"
