@@ -18,6 +18,13 @@ class LoraxInputError(Exception):
     """Bad input: a one-line, user-facing message."""
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text (its type name when empty), cut to `limit` characters:
+    library errors quoted inside our one-line messages."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Turn LoraxInputError into one line on stderr and exit code 2."""

@@ -9,86 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
-from ..errors import LoraxInputError
+from ..errors import LoraxInputError, first_line
 from .hashing import FileHashes, hash_files
+from .pickles import SUFFIXES as PICKLE_SUFFIXES
+from .pickles import load_state_dict
+from .safetensors_header import read_header
 
 if TYPE_CHECKING:  # torch is imported lazily so that bad input is refused without its import cost
     import torch
 
     from ..families.naming import ModuleRef
 
-# safetensors dtype name -> torch dtype attribute
-SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 EMA_PREFIX = "model_ema."
 # diffusers components we read, in kohya's order; each may hold weights under either base name
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 _WEIGHT_BASES = ("diffusion_pytorch_model", "model")
 UNKNOWN_ARCH = "unknown architecture (no SD1/SD2/SDXL UNet or text-encoder keys found)"
-
-
-# ---------------------------------------------------------------- safetensors headers
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A parsed safetensors header: tensor dtypes/shapes and the `__metadata__` strings."""
-
-    length: int                                      # bytes before the tensor data (8 + JSON)
-    tensors: dict[str, tuple[str, tuple[int, ...]]]  # key -> (safetensors dtype, shape)
-    metadata: dict[str, str]
-
-
-def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate a safetensors header without reading tensor data.
-
-    Raises LoraxInputError (one line, naming the file) for files that are too short, not
-    safetensors, have a corrupt header, or are truncated (tensor data past the end of the file).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoraxInputError(f"{path}: not a safetensors file (only {size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n + 8 > size:
-            raise LoraxInputError(
-                f"{path}: not a safetensors file or truncated (header length {n} exceeds file size {size})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-        data_end = 0
-        for key, info in header.items():
-            start, stop = info["data_offsets"]
-            tensors[key] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
-            data_end = max(data_end, int(stop))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise LoraxInputError(f"{path}: not a safetensors file (corrupt header: {_first_line(exc)})") from None
-    if 8 + n + data_end > size:
-        raise LoraxInputError(
-            f"{path}: truncated safetensors file (tensor data ends at byte {8 + n + data_end}, file has {size})")
-    return SafetensorsHeader(length=8 + n, tensors=tensors, metadata=metadata)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -105,9 +47,9 @@ class _Entry:
 
 
 def _torch_dtype(dtype: Union["torch.dtype", str]) -> "torch.dtype":
-    import torch
+    from .safetensors_io import torch_dtype
 
-    return getattr(torch, SAFETENSORS_DTYPES[dtype]) if isinstance(dtype, str) else dtype
+    return torch_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
 class Checkpoint:
@@ -237,18 +179,13 @@ def _validated_entries(file: Path, prefix: str = "") -> dict[str, _Entry]:
     """Entries of one safetensors file (keys prefixed), after our header checks and safetensors' own."""
     from safetensors import SafetensorError, safe_open
 
-    header = read_safetensors_header(file)
+    header = read_header(file)
     try:
         with safe_open(str(file), framework="pt", device="cpu"):
             pass
     except SafetensorError as exc:
-        raise LoraxInputError(f"{file}: not a valid safetensors file ({_first_line(exc)})") from None
-    entries = {}
-    for key, (dt, shape) in header.tensors.items():
-        if dt not in SAFETENSORS_DTYPES:
-            raise LoraxInputError(f"{file}: tensor {key} {list(shape)} has unsupported dtype {dt}")
-        entries[prefix + key] = _Entry(file, key, shape, dt)
-    return entries
+        raise LoraxInputError(f"{file}: not a valid safetensors file ({first_line(exc)})") from None
+    return {prefix + key: _Entry(file, key, shape, dt) for key, (dt, shape) in header.tensors.items()}
 
 
 def _open_single_safetensors(path: Path) -> Checkpoint:
@@ -258,23 +195,7 @@ def _open_single_safetensors(path: Path) -> Checkpoint:
 
 
 def _open_pickle(path: Path) -> Checkpoint:
-    import torch
-
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch's zip format can be memory-mapped, legacy pickles not
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        raise LoraxInputError(
-            f"{path}: refused: this pickle needs arbitrary Python objects to load "
-            f"(torch.load weights_only=True: {_first_line(exc)[:160]}); convert it to .safetensors") from None
-    except Exception as exc:  # torch raises many types for truncated/corrupt zips and pickles
-        raise LoraxInputError(f"{path}: not a readable torch checkpoint ({_first_line(exc)[:160]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise LoraxInputError(f"{path}: not a state dict (top-level object is {type(obj).__name__})")
-    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = load_state_dict(path, "torch checkpoint")
     entries = {k: _Entry(path, k, tuple(v.shape), v.dtype) for k, v in state.items()}
     family = detect_single_file_family({k: e.shape for k, e in entries.items()}, path)
     return Checkpoint(path, "single_file", family, entries, [path], state=state)
@@ -330,7 +251,7 @@ def _shards(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LoraxInputError(f"{index}: corrupt shard index ({_first_line(exc)})") from None
+        raise LoraxInputError(f"{index}: corrupt shard index ({first_line(exc)})") from None
     files = [index.parent / n for n in names]
     for f in files:
         if not f.is_file():
@@ -344,7 +265,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise LoraxInputError(f"{path}: corrupt JSON ({_first_line(exc)})") from None
+        raise LoraxInputError(f"{path}: corrupt JSON ({first_line(exc)})") from None
     return data if isinstance(data, dict) else {}
 
 

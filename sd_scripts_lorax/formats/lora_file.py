@@ -8,7 +8,7 @@ A file holds, per module `<lora_name>`, exactly three tensors: `.lora_down.weigh
 from __future__ import annotations
 
 import datetime
-import json
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import FORMAT_VERSION
-from . import safetensors_io
+from ..errors import LoraxInputError, first_line
+from . import pickles, safetensors_io
 from .atomic import atomic_write, check_writable
-from ..errors import LoraxInputError
 from .finite import all_finite
 from .hashing import KohyaHasher, precalculate_safetensors_hashes, ss_only
+from .safetensors_header import encode, input_error, parse
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 SUFFIXES = (DOWN, UP, ALPHA)
@@ -32,7 +33,6 @@ NETWORK_MODULE = "networks.lora_x"
 
 _LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "dora_scale", "oft_", ".diff", "w_norm", "b_norm")
 _PEFT_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
-_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, legacy pickle
 
 
 @dataclass
@@ -70,38 +70,20 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, or of a `.pt/.ckpt` read with weights_only."""
     with open(path, "rb") as f:
         head = f.read(8)
-    if head.startswith(_PICKLE_MAGICS):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors have many types
-            raise LoraxInputError(f"{path}: not a readable LoRA file (torch.load with weights_only=True failed: "
-                                  f"{str(exc).splitlines()[0][:160]})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise LoraxInputError(f"{path}: a torch pickle that is not a state dict of tensors")
-        return dict(obj), {}
-    size = path.stat().st_size
-    if size < 8:
-        raise LoraxInputError(f"{path}: not a safetensors file ({size} bytes)")
-    header_len = int.from_bytes(head, "little")
-    if header_len > size - 8:
-        raise LoraxInputError(f"{path}: not a safetensors file, or truncated (header says {header_len} bytes, "
-                              f"file has {size})")
+    if head.startswith(pickles.MAGICS):
+        return pickles.load_state_dict(path, "LoRA file"), {}
     try:
         return safetensors_io.read_file(path)
     except safetensors_io.FormatError as exc:
-        raise LoraxInputError(f"{path}: truncated or corrupt safetensors file ({str(exc).splitlines()[0][:160]})") from None
+        raise input_error(path, exc) from None
     except safetensors_io.UnsupportedError:
         pass  # e.g. an unusual dtype: the library reads it (whole-file copy, rare)
-    data = path.read_bytes()
+    with open(path, "rb", buffering=0) as fh:
+        metadata = parse(fh, path.stat().st_size, unknown_dtypes=True).metadata
     try:
-        header = json.loads(data[8:8 + header_len])
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-        raise LoraxInputError(f"{path}: truncated or corrupt safetensors file ({str(exc).splitlines()[0][:160]})") from None
-    metadata = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        return st_load(path.read_bytes()), metadata
+    except (SafetensorError, ValueError) as exc:
+        raise LoraxInputError(f"{path}: truncated or corrupt safetensors file ({first_line(exc)})") from None
 
 
 def _unknown_key_error(path: Path, unknown: Sequence[str]) -> LoraxInputError:
@@ -220,13 +202,10 @@ def _canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mappin
     what `safetensors_io.layout` does not handle.
     """
     raw = st_save(dict(tensors), metadata=dict(metadata))
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+    header = parse(io.BytesIO(raw), len(raw), unknown_dtypes=True)
+    entries = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.lo, e.hi]}
+               for e in header.entries}
+    return encode(entries, header.metadata, sort_keys=True) + raw[header.data_start:]
 
 
 def _with_hashes(metadata: Mapping[str, str], model_hash: str, legacy_hash: str) -> dict[str, str]:

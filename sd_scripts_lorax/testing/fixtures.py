@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -24,14 +23,13 @@ import torch
 
 from ..families import ldm_convert
 from ..formats.atomic import atomic_write, check_writable
+from ..formats.safetensors_io import UnsupportedError, torch_dtype, write_stream
 from ..errors import LoraxInputError, cli_errors
 from .fixture_math import SPECTRA, drift_tensor, init_tensor
 from ..families.model_configs import build_models, text_encoder_configs
 
 CLI_FAMILIES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64", torch.bool: "BOOL"}
 _SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
@@ -76,33 +74,6 @@ def fixture_shapes(family: str, layout: str, size: str = "tiny") -> dict[str, tu
     if layout == "single_file":
         return ldm_convert.plan_shapes(_single_file_plan(family, size), shapes)
     raise LoraxInputError(f"unknown layout {layout!r}; expected single_file or diffusers")
-
-
-# ---------------------------------------------------------------- streaming safetensors writer
-
-def write_safetensors_stream(path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                             produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file whose tensors are produced one at a time, in `entries` order.
-
-    The header is laid out from the declared shapes and dtypes first; each produced tensor must
-    match them.
-    """
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, shape, dtype in entries:
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for key, shape, dtype in entries:
-            t = produce(key).to(dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{key}: produced shape {tuple(t.shape)}, declared {tuple(shape)}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 # ---------------------------------------------------------------- writing fixtures
@@ -152,7 +123,7 @@ def write_fixture(family: str, layout: str, size: str, seed: int, out: str | os.
                     entries.append((ek, out_shapes[k], dt))
                     produce[ek] = (lambda k=k: _ema_value(produce[k](), k, seed))
         with atomic_write(out) as tmp:
-            write_safetensors_stream(tmp, entries, lambda k: produce[k](), meta)
+            write_stream(tmp, entries, lambda k: produce[k](), meta)
         return out
     if layout != "diffusers":
         raise LoraxInputError(f"unknown layout {layout!r}; expected single_file or diffusers")
@@ -210,7 +181,7 @@ def _write_diffusers(folder: Path, family: str, size: str, comps: dict, shapes: 
         sub.mkdir()
         keys = [k for k in shapes if k.startswith(c + "/")]
         entries = [(k.split("/", 1)[1], shapes[k], _target_dtype(dtypes[k], dt)) for k in keys]
-        write_safetensors_stream(sub / _WEIGHT_FILES[c], entries, lambda k, c=c: produce(f"{c}/{k}"), meta)
+        write_stream(sub / _WEIGHT_FILES[c], entries, lambda k, c=c: produce(f"{c}/{k}"), meta)
         if c in ("unet", "vae"):
             mod.save_config(sub)
         else:
@@ -309,14 +280,14 @@ def _derive_file(src: Path, dest: Path, drift: float, seed: int, keep_text_encod
                 return t
             return drift_tensor(t, drift, full, seed)
 
-        write_safetensors_stream(dest, entries, produce, metadata)
+        write_stream(dest, entries, produce, metadata)
 
 
 def _dtype_from_st(name: str) -> torch.dtype:
-    back = {v: k for k, v in _ST_DTYPES.items()}
-    if name not in back:
-        raise LoraxInputError(f"unsupported safetensors dtype {name}")
-    return back[name]
+    try:
+        return torch_dtype(name)
+    except UnsupportedError as exc:
+        raise LoraxInputError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- command line

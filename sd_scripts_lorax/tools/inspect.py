@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections import Counter
@@ -14,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..formats.checkpoint import Checkpoint, read_safetensors_header
+from ..formats.checkpoint import Checkpoint
+from ..formats.lora_file import read_lora
+from ..formats.safetensors_header import read_header
 from ..errors import LoraxInputError
 from ..formats.hashing import FileHashes, hash_file
 
-LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 BASE_MODEL_FIELDS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_base_model_version",
                      "modelspec.architecture")
 LIST_LIMIT = 10
@@ -31,7 +31,7 @@ class LoraEntry:
 
     down: tuple[int, ...]
     up: tuple[int, ...]
-    alpha: float | None   # None when the file stores no alpha (kohya then uses alpha = rank)
+    alpha: float          # as stored; the rank when the file stores none (kohya's default)
     dtype: str
 
 
@@ -63,7 +63,7 @@ def is_lora_file(path: Path) -> bool:
     """A safetensors file with kohya `lora_down`/`lora_up` keys (header only; validates the file)."""
     if path.is_dir() or path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         return False
-    header = read_safetensors_header(path)
+    header = read_header(path)
     return any(".lora_down." in k or ".lora_up." in k for k in header.tensors)
 
 
@@ -102,38 +102,12 @@ def _hash_dict(h: FileHashes) -> dict[str, str | None]:
 
 
 def read_lora_entries(path: Path) -> tuple[dict[str, LoraEntry], dict[str, str]]:
-    """The modules and metadata of a LoRA file: through lora_file.read_lora when it exists."""
-    if importlib.util.find_spec(f"{__package__}.lora_file") is not None:
-        from ..formats.lora_file import read_lora
-
-        lf = read_lora(path)
-        entries = {name: LoraEntry(tuple(m.down.shape), tuple(m.up.shape),
-                                   None if m.alpha is None else float(m.alpha), str(m.down.dtype).removeprefix("torch."))
-                   for name, m in lf.modules.items()}
-        return entries, dict(lf.metadata)
-    return _read_lora_direct(path)
-
-
-def _read_lora_direct(path: Path) -> tuple[dict[str, LoraEntry], dict[str, str]]:
-    from safetensors import safe_open
-
-    header = read_safetensors_header(path)
-    tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
-    for key, info in header.tensors.items():
-        name, _, suffix = key.partition(".")
-        if suffix not in LORA_SUFFIXES:
-            raise LoraxInputError(f"{path}: key {key} {list(info[1])} has an unknown suffix "
-                                  f"(expected {', '.join(LORA_SUFFIXES)})")
-        tensors.setdefault(name, {})[suffix] = info
-    entries = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name, parts in tensors.items():
-            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-                raise LoraxInputError(f"{path}: module {name} lacks lora_down or lora_up")
-            alpha = float(f.get_tensor(f"{name}.alpha").float().item()) if "alpha" in parts else None
-            dt, down = parts["lora_down.weight"]
-            entries[name] = LoraEntry(down, parts["lora_up.weight"][1], alpha, dt)
-    return entries, header.metadata
+    """The modules and metadata of a LoRA file, read and validated by `lora_file.read_lora`."""
+    lf = read_lora(path)
+    entries = {name: LoraEntry(tuple(m.down.shape), tuple(m.up.shape), float(m.alpha),
+                               str(m.down.dtype).removeprefix("torch."))
+               for name, m in lf.modules.items()}
+    return entries, dict(lf.metadata)
 
 
 def lora_report(path: Path, base: str | os.PathLike | None = None, with_hashes: bool = True) -> dict[str, Any]:

@@ -128,15 +128,17 @@ def _load_single_file(path: Path, tokenizer_cache_dir: str | None = None) -> tup
     from transformers import CLIPTokenizer
 
     from ..families import ldm_convert
-    from ..formats.checkpoint import Checkpoint, read_safetensors_header
+    from ..formats.checkpoint import Checkpoint
+    from ..formats.safetensors_header import read_header
     from ..families.model_configs import build_models
     from ..testing.tiny_tokenizer import write_tokenizer
 
     with Checkpoint.open(path) as ck:  # LoraxInputError on corrupt files and unknown families
         family = ck.family
         size = "full"
-        if path.suffix == ".safetensors" and "lorax.fixture" in read_safetensors_header(path).metadata:
-            size = json.loads(read_safetensors_header(path).metadata["lorax.fixture"]).get("size", "full")
+        fixture = read_header(path).metadata.get("lorax.fixture") if path.suffix == ".safetensors" else None
+        if fixture:
+            size = json.loads(fixture).get("size", "full")
         full_toks = full_size_tokenizers(family, tokenizer_cache_dir) if size == "full" else None
         models = build_models(family, size)
         parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoders[0]}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from sd_scripts_lorax.formats.checkpoint import Checkpoint, read_safetensors_header
+from sd_scripts_lorax.formats.checkpoint import Checkpoint
+from sd_scripts_lorax.formats.safetensors_header import read_header
 from sd_scripts_lorax.errors import LoraxInputError
 from sd_scripts_lorax.formats.hashing import (
     LEGACY_LENGTH,
@@ -238,10 +239,10 @@ def test_bad_input_one_line_naming_the_file(tmp_path, case):
 
 def test_header_reader_metadata(tmp_path):
     path = write(tmp_path / "m.safetensors", make_state(SD2_KEYS, torch.bfloat16), {"ss_a": "b"})
-    header = read_safetensors_header(path)
+    header = read_header(path)
     assert header.metadata == {"ss_a": "b"}
     assert header.tensors["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == ("BF16", (32, 32))
-    assert header.length == 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert header.data_start == 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
 
 # ---------------------------------------------------------------- diffusers folders (real tiny models)
