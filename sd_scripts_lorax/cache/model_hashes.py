@@ -7,60 +7,50 @@ and computed on background threads while the modules are worked on.
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..formats.atomic import atomic_write
-from ..transfer.parallel import Background
+from ..formats.hashing import FileHashes
+from .book import JsonBook
 from .tensor_index import stat_key
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
-    from ..formats.hashing import FileHashes
 
 
 HASHES_FILE = "model_hashes.json"
-_HASHES_LOCK = threading.Lock()  # the source's and the target's hashing threads update one book
 
 
-def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> "FileHashes":
+class HashBook(JsonBook[FileHashes]):
+    """`<cache>/model_hashes.json`: {stat_key: {"sha256", "legacy", "addnet"}} (no header)."""
+
+    def decode(self, raw: object) -> FileHashes | None:
+        if not isinstance(raw, dict):
+            return None
+        sha256, legacy, addnet = raw["sha256"], raw["legacy"], raw.get("addnet")
+        if not (isinstance(sha256, str) and isinstance(legacy, str) and (addnet is None or isinstance(addnet, str))):
+            return None
+        return FileHashes(sha256=sha256, legacy=legacy, addnet=addnet)
+
+    def encode(self, h: FileHashes) -> dict[str, str | None]:
+        return {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
+
+
+def model_hashes(ckpt: "Checkpoint", cache_dir: Path | None) -> FileHashes:
     """ckpt's sha256 and legacy hashes (no addnet: the metadata does not use it), remembered in the SVD
     cache folder by path, size, mtime and ctime (hashing a 2-7 GB checkpoint costs seconds, more than a warm
     transfer; A1111 caches these the same way)."""
-    from ..formats.hashing import FileHashes
-
     if cache_dir is None:
         return ckpt.hashes(addnet=False)
-    book_path = cache_dir / HASHES_FILE
+    book = HashBook(cache_dir / HASHES_FILE)
     key = stat_key(ckpt.path)
-    try:
-        book = json.loads(book_path.read_text())
-        hit = book[key]
-        return FileHashes(sha256=hit["sha256"], legacy=hit["legacy"], addnet=hit.get("addnet"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    hit = book.get(key)
+    if hit is not None:
+        return hit
     h = ckpt.hashes(addnet=False)
-    try:
-        with _HASHES_LOCK:
-            _remember_hashes(book_path, key, h)
-    except OSError:  # a cache that cannot be written costs time, never the result
-        pass
+    book.put(key, h)
+    book.save()  # merged with what the other side's hashing thread saved meanwhile
     return h
-
-
-def _remember_hashes(book_path: Path, key: str, h: "FileHashes") -> None:
-    """Add one checkpoint's hashes to the book (read, update, atomic rewrite)."""
-    try:
-        book = json.loads(book_path.read_text())
-        book = book if isinstance(book, dict) else {}
-    except (OSError, ValueError):
-        book = {}
-    book[key] = {"sha256": h.sha256, "legacy": h.legacy, "addnet": h.addnet}
-    book_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(book_path) as tmp:
-        tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
 
 
 class ModelHashes:
@@ -68,9 +58,13 @@ class ModelHashes:
     file reads release the GIL, so they use cores the module work leaves idle, e.g. at its tail)."""
 
     def __init__(self, src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> None:
+        # here, not at the top: the transfer package imports this module, and the cache package must
+        # import on its own (a top-level import of transfer from here is a circular import)
+        from ..transfer.parallel import Background
+
         self._src = Background(lambda: model_hashes(src, cache_dir), "lorax-model-hashes")
         same = src.path.resolve() == tgt.path.resolve()
         self._tgt = self._src if same else Background(lambda: model_hashes(tgt, cache_dir), "lorax-model-hashes")
 
-    def result(self) -> tuple["FileHashes", "FileHashes"]:
+    def result(self) -> tuple[FileHashes, FileHashes]:
         return self._src.result(), self._tgt.result()

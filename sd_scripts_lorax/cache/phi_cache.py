@@ -7,21 +7,19 @@
   mtime and ctime and the module name: two r x r Gram products per module otherwise (about 40% of a warm
   run's per-module math at r = 320).
 
-One JSON file each, read once and written once per run, atomically; floats round-trip exactly
-through JSON, so a warm run reports the same numbers as the cold one. A missing or corrupt file, or
-a malformed entry, is an empty/missing entry: recompute.
+One JSON book each (`book.JsonBook`: read once, written once per run, atomically; a missing or
+corrupt file, or a malformed entry, is an empty/missing entry: recompute); floats round-trip exactly
+through JSON, so a warm run reports the same numbers as the cold one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import threading
 from pathlib import Path
 
-from ..formats.atomic import atomic_write
+from .book import JsonBook
 
 PHI_FILE = "similarity.json"
 NORMS_FILE = "adapter_norms.json"
@@ -41,62 +39,30 @@ def norm_key(lora_stat: str, module: str) -> str:
     return hashlib.sha256(f"{_NORMS_FORMAT}\0{lora_stat}\0{module}".encode()).hexdigest()
 
 
-class FloatBook:
-    """Tuples of floats by key, in one JSON file; thread-safe; `save()` writes it back if anything was added."""
+class FloatBook(JsonBook[tuple[float, ...]]):
+    """Tuples of `size` finite floats >= 0 (and <= `upper`) by key, under a format tag."""
 
-    def __init__(self, file: Path | None, fmt: str, size: int, upper: float | None,
-                 entries: dict[str, tuple[float, ...]] | None = None) -> None:
-        self.file, self.fmt, self.size, self.upper = file, fmt, size, upper
-        self._entries = dict(entries or {})
-        self._dirty = False
-        self._lock = threading.Lock()
+    field = "values"
 
-    def _valid(self, v: object) -> bool:
-        return (isinstance(v, list) and len(v) == self.size
-                and all(isinstance(x, float) and math.isfinite(x) and x >= 0.0
-                        and (self.upper is None or x <= self.upper) for x in v))
+    def __init__(self, file: Path | None, fmt: str, size: int, upper: float | None) -> None:
+        self.size, self.upper = size, upper
+        super().__init__(file, {"format": fmt})
 
-    def _read(self) -> dict[str, tuple[float, ...]]:
-        try:
-            doc = json.loads(self.file.read_text("utf-8")) if self.file is not None else None
-            if isinstance(doc, dict) and doc.get("format") == self.fmt and isinstance(doc.get("values"), dict):
-                return {str(k): tuple(v) for k, v in doc["values"].items() if self._valid(v)}
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-        return {}
+    def decode(self, raw: object) -> tuple[float, ...] | None:
+        ok = (isinstance(raw, list) and len(raw) == self.size
+              and all(isinstance(x, float) and math.isfinite(x) and x >= 0.0
+                      and (self.upper is None or x <= self.upper) for x in raw))
+        return tuple(raw) if ok else None
 
-    def get(self, key: str) -> tuple[float, ...] | None:
-        """The remembered tuple, or None."""
-        return self._entries.get(key)
+    def encode(self, value: tuple[float, ...]) -> list[float]:
+        return list(value)
 
-    def put(self, key: str, *values: float) -> None:
-        v = tuple(float(x) for x in values)
-        with self._lock:
-            if self._entries.get(key) != v:
-                self._entries[key] = v
-                self._dirty = True
-
-    def save(self) -> None:
-        """Write the book atomically if it changed, merged with what another run wrote meanwhile."""
-        with self._lock:
-            if self.file is None or not self._dirty:
-                return
-            merged = self._read()
-            merged.update(self._entries)
-            doc = {"format": self.fmt, "values": {k: list(v) for k, v in sorted(merged.items())}}
-            try:
-                self.file.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(self.file) as tmp:
-                    tmp.write_text(json.dumps(doc, indent=0), "utf-8")
-                self._dirty = False
-            except OSError:  # costs time on the next run, never the result
-                pass
+    def put(self, key: str, *values: float) -> None:  # type: ignore[override]  # the floats, not a tuple
+        super().put(key, tuple(float(x) for x in values))
 
 
 def _load(cache_dir: str | os.PathLike | None, name: str, fmt: str, size: int, upper: float | None) -> FloatBook:
-    book = FloatBook(Path(cache_dir) / name if cache_dir is not None else None, fmt, size, upper)
-    book._entries = book._read()
-    return book
+    return FloatBook(Path(cache_dir) / name if cache_dir is not None else None, fmt, size, upper)
 
 
 def load_phi_book(cache_dir: str | os.PathLike | None) -> FloatBook:

@@ -8,7 +8,8 @@ a single checkpoint tensor.
 
 An index belongs to one state of the checkpoint on disk (path, sizes, mtimes and ctimes of its
 weight files, like `model_hashes.json`); any change starts it afresh. A missing, corrupt or foreign index
-file is never an error: it is an empty index. Writes are atomic; a failed write only costs time.
+file is never an error: it is an empty index (a `book.JsonBook`: writes are atomic; a failed write only
+costs time).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
 
-from ..formats.atomic import atomic_write
 from ..formats.safetensors_io import tensor_bytes
+from .book import JsonBook
 
 INDEX_DIR = "tensor_index"
 _FORMAT = "sd-scripts-lorax tensor-index v1"
@@ -62,15 +62,14 @@ def _valid(entry: object) -> bool:
     return isinstance(c, str) and len(c) == 64 and all(ch in "0123456789abcdef" for ch in c)
 
 
-class TensorIndex:
-    """Tensor key (+ rows) -> content key of a finite tensor, for one checkpoint. Thread-safe."""
+class TensorIndex(JsonBook[str]):
+    """Tensor key (+ rows) -> content key of a finite tensor, for one state of one checkpoint. Thread-safe."""
 
-    def __init__(self, file: Path | None, stat: str, entries: dict[str, str] | None = None) -> None:
-        self.file = file            # None: in memory only (no cache folder)
-        self.stat = stat
-        self._entries = dict(entries or {})
-        self._dirty = False
-        self._lock = threading.Lock()
+    field = "tensors"
+
+    def __init__(self, file: Path | None, stat: str) -> None:
+        self.stat = stat  # an index written for another state of the checkpoint reads as empty
+        super().__init__(file, {"format": _FORMAT, "stat": stat})
 
     @classmethod
     def load(cls, cache_dir: str | os.PathLike | None, checkpoint_path: str | os.PathLike) -> "TensorIndex":
@@ -79,48 +78,21 @@ class TensorIndex:
         if cache_dir is None:
             return cls(None, stat)
         name = hashlib.sha256(str(Path(checkpoint_path).resolve()).encode()).hexdigest()[:32]
-        file = Path(cache_dir) / INDEX_DIR / f"{name}.json"
-        entries: dict[str, str] = {}
-        try:
-            doc = json.loads(file.read_text("utf-8"))
-            if isinstance(doc, dict) and doc.get("format") == _FORMAT and doc.get("stat") == stat:
-                tensors = doc.get("tensors")
-                if isinstance(tensors, dict):
-                    # a damaged entry is dropped (read again), the others stay usable
-                    entries = {str(k): v["content"] for k, v in tensors.items() if _valid(v)}
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-        return cls(file, stat, entries)
+        return cls(Path(cache_dir) / INDEX_DIR / f"{name}.json", stat)
+
+    def decode(self, raw: object) -> str | None:
+        return raw["content"] if _valid(raw) else None  # type: ignore[index]  # _valid: a dict
+
+    def encode(self, content: str) -> dict[str, object]:
+        return {"content": content, "finite": True}
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> str | None:
         """The content key of tensor `key` (rows sliced), known finite; None when not indexed."""
-        return self._entries.get(_slot(key, rows))
+        return super().get(_slot(key, rows))
 
-    def put(self, key: str, rows: tuple[int, int] | None, content: str) -> None:
+    def put(self, key: str, rows: tuple[int, int] | None, content: str) -> None:  # type: ignore[override]
         """Record the content key of a tensor that was read and checked finite."""
-        slot = _slot(key, rows)
-        with self._lock:
-            if self._entries.get(slot) != content:
-                self._entries[slot] = content
-                self._dirty = True
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def save(self) -> None:
-        """Write the index (atomically) if it changed; a write failure is ignored (costs time only)."""
-        with self._lock:
-            if self.file is None or not self._dirty:
-                return
-            doc = {"format": _FORMAT, "stat": self.stat,
-                   "tensors": {k: {"content": c, "finite": True} for k, c in sorted(self._entries.items())}}
-            try:
-                self.file.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(self.file) as tmp:
-                    tmp.write_text(json.dumps(doc, indent=0, sort_keys=True), "utf-8")
-                self._dirty = False
-            except OSError:
-                pass
+        super().put(_slot(key, rows), content)
 
 
 __all__ = ["TensorIndex", "content_key", "stat_key", "INDEX_DIR"]
