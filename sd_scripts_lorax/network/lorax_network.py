@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import LoraxInputError
 from ..formats.finite import all_finite
-from ..lorax import Bases, d_from_factors, energy_in_subspace, top_bases_batched
+from ..lorax import Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, top_bases_batched
 from .layer import WRAPPABLE, LoraXModule, is_kxk
 from ..cache.svd_cache import get_many
 from ..families.naming import UnetBlockMap, kohya_name, te_path_to_kohya, unet_path_to_kohya
@@ -470,10 +470,7 @@ class LoraXNetwork(nn.Module):
             m = mine[name]
             v = m.down.float().reshape(m.rank, -1).t()
             e = energy_in_subspace(lm.up.float(), lm.down.float(), m.u.float(), v)
-            # ||dW||_F^2 from the factors, without the out x in product
-            up2 = lm.up.double().reshape(lm.up.shape[0], -1)
-            down2 = lm.down.double().reshape(lm.down.shape[0], -1)
-            total2 = float(((up2.t() @ up2) * (down2 @ down2.t())).sum()) * lm.scale ** 2
+            total2 = delta_norm(lm.up, lm.down, lm.scale) ** 2  # from the factors, without the out x in product
             sub_num += e * e * total2
             sub_den += total2
             diag_num += float(ds[name].double().square().sum())
@@ -508,12 +505,12 @@ class LoraXNetwork(nn.Module):
         deltas = {}
         for name, lm in modules.items():
             w = self._targets[name].base.weight
-            up2 = lm.up.float().reshape(lm.up.shape[0], -1)
-            down2 = lm.down.float().reshape(lm.down.shape[0], -1)
+            up2 = lm.up.reshape(lm.up.shape[0], -1)
+            down2 = lm.down.reshape(lm.down.shape[0], -1)
             if up2.shape[0] != w.shape[0] or down2.shape[1] != w[0].numel() or up2.shape[1] != down2.shape[0]:
                 raise LoraxInputError(f"merge_to: module {name}: lora_up {tuple(lm.up.shape)} / lora_down "
                                       f"{tuple(lm.down.shape)} do not fit the base weight {tuple(w.shape)}")
-            deltas[name] = (up2.to(w.device) @ down2.to(w.device)) * (lm.scale * self.multiplier)
+            deltas[name] = delta_from_factors(lm.up.to(w.device), lm.down.to(w.device), lm.scale * self.multiplier)
         for name, dw in deltas.items():
             w = self._targets[name].base.weight
             w.copy_((w.float() + dw.reshape(w.shape)).to(w.dtype))

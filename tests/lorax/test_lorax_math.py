@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, energy_in_subspace, flatten_weight,
-                                    lorax_factors, module_similarity, project_factors, subspace_similarity,
-                                    top_bases, top_bases_batched)
+from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace,
+                                    flatten_weight, lorax_factors, module_similarity, project_factors,
+                                    subspace_similarity, top_bases, top_bases_batched)
 from sd_scripts_lorax.lorax.bases import choose_method
 
 
@@ -209,6 +209,25 @@ def test_delta_from_factors_dense(conv):
     assert rel(flatten_weight(dw), expect) < 1e-6
     with pytest.raises(ValueError, match="rank mismatch"):
         delta_from_factors(up, down[:3])
+
+
+@pytest.mark.parametrize("conv", [None, (1, 1), (3, 3)])
+def test_delta_norm_is_the_dense_norm(conv):
+    up, down = random_factors(20, 6, 4, conv, seed=11)
+    want = float(torch.linalg.norm(-0.5 * flatten_weight(up).double() @ flatten_weight(down).double()))
+    assert delta_norm(up, down, -0.5) == pytest.approx(want, rel=1e-12)
+    assert delta_norm(torch.zeros_like(up), down) == 0.0
+    with pytest.raises(ValueError, match="rank mismatch"):
+        delta_norm(up, down[:3])
+
+
+def test_delta_norm_in_float32_agrees_with_float64_dense():
+    """The transfer report's norms use float32 Gram products: fp16 factors of SD sizes, up to r = 320."""
+    g = torch.Generator().manual_seed(0)
+    for out_dim, n, r in ((320, 768, 32), (1280, 2880, 320), (64, 64, 4)):
+        up, down = torch.randn(out_dim, r, generator=g).half(), torch.randn(r, n, generator=g).half()
+        want = float(torch.linalg.norm(0.5 * up.double() @ down.double()))
+        assert delta_norm(up, down, 0.5, dtype=torch.float32) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("conv", [None, (1, 1), (3, 3)])

@@ -178,7 +178,7 @@ def test_subspace_phi_against_dense_projection():
     va = torch.linalg.svd(a.double())[2][:4].T
     vb = torch.linalg.svd(b.double())[2][:4].T
     want = min(float(torch.trace(ua @ ua.T @ ub @ ub.T)), float(torch.trace(va @ va.T @ vb @ vb.T))) / 4
-    assert subspace_phi(a, b, 4) == pytest.approx(want, rel=1e-9)
+    assert subspace_phi(a, b, 4) == pytest.approx(want, rel=1e-5)  # float32 bases, as the transfer's
     assert subspace_phi(a, b, 4) < 0.9
 
 

@@ -6,20 +6,13 @@ import statistics
 
 import torch
 
-
-def _top(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, _, vh = torch.linalg.svd(w.double().flatten(1), full_matrices=False)
-    return u[:, :rank], vh[:rank].T
+from ...lorax import module_similarity, top_bases
 
 
 def subspace_phi(a: torch.Tensor, b: torch.Tensor, rank: int = 8) -> float:
-    """min(phi_U, phi_V), phi_U = ||U_a^T U_b||_F^2 / r over the top-r singular vectors (DESIGN.md section 2)."""
-    r = min(rank, *a.flatten(1).shape)
-    ua, va = _top(a, r)
-    ub, vb = _top(b, r)
-    phi_u = float((ua.T @ ub).pow(2).sum()) / r
-    phi_v = float((va.T @ vb).pow(2).sum()) / r
-    return min(phi_u, phi_v)
+    """min(phi_U, phi_V), phi_U = ||U_a^T U_b||_F^2 / r over the top-r singular vectors (DESIGN.md section 2),
+    from the bases and similarity the transfer uses."""
+    return module_similarity(top_bases(a, rank), top_bases(b, rank)).phi
 
 
 def attention_linear_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
