@@ -46,21 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run the transfer, print the report tables."""
-    from sd_scripts_lorax.errors import cli_errors
-    from sd_scripts_lorax.transfer.engine import print_tables, transfer
+    """Parse arguments, run the transfer, print the report tables.
 
+    Ctrl-C (also while the libraries import): one line, exit 130; the outputs are written as one
+    unit at the very end, so an interrupted run leaves none of them (nor a temporary file).
+    """
     args = build_parser().parse_args(argv)
-    with cli_errors():
-        reports = transfer(
-            args.lora, args.source_model, args.target_model, args.save_to, threshold=args.threshold,
-            filter_blocks=args.filter_blocks, match=args.match, device=args.device, precision=args.precision,
-            save_precision=args.save_precision, svd_cache_dir=args.svd_cache_dir, overwrite=args.overwrite,
-            dry_run=args.dry_run, report_path=args.report, plot_path=args.plot, progress=not args.no_progress)
-        print_tables(reports)
-        for rep in reports:
-            if rep.output:
-                print(f"wrote {rep.output}")
+    reports = None
+    try:
+        from sd_scripts_lorax.errors import cli_errors
+        from sd_scripts_lorax.transfer.engine import print_tables, transfer
+
+        with cli_errors():
+            reports = transfer(
+                args.lora, args.source_model, args.target_model, args.save_to, threshold=args.threshold,
+                filter_blocks=args.filter_blocks, match=args.match, device=args.device, precision=args.precision,
+                save_precision=args.save_precision, svd_cache_dir=args.svd_cache_dir, overwrite=args.overwrite,
+                dry_run=args.dry_run, report_path=args.report, plot_path=args.plot, progress=not args.no_progress)
+            print_tables(reports)
+            for rep in reports:
+                if rep.output:
+                    print(f"wrote {rep.output}")
+    except KeyboardInterrupt:
+        done = "the outputs were already complete" if reports is not None else "no output was written"
+        print(f"\ninterrupted: {done}", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 

@@ -21,7 +21,7 @@ index (`tensor_index`), the bases (`svd_cache`, by content key) and the phi valu
 remembered, so a warm run reads no checkpoint tensor: only the LoRA, the index and the target bases.
 
 Everything is validated (`transfer_inputs`) before any output is written; outputs, reports and plots are written
-atomically, so a failure leaves nothing behind.
+as one unit (`outputs.OutputSet`), so a failure or Ctrl-C leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ import math
 import os
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..formats.atomic import check_writable
 from ..errors import LoraxInputError
 from ..lorax import Bases, delta_norm, energy_in_subspace, module_similarity, project_factors, top_bases
 from ..lorax.bases import METHOD_VERSION, bases_from_claimed_v
@@ -51,12 +49,15 @@ from .inputs import (
     PRECISIONS,
     SAVE_PRECISIONS,
     check_checkpoints,
+    check_filters,
     check_lora_against_source,
     check_options,
+    nothing_passed,
     filtered,
     output_paths,
     side_paths,
 )
+from .outputs import OutputSet
 from .report import (
     BELOW_THRESHOLD,
     FILTERED,
@@ -198,6 +199,7 @@ class _Job:
     plain: bool
     stat: str = ""   # the LoRA file's tensor_index.stat_key: keys its remembered module norms
     out: dict[str, "LoraModule"] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)  # the output's metadata, set before writing
 
 
 # what the per-module work returns, applied to the jobs in module order by the main thread
@@ -435,15 +437,6 @@ def _save_dtype(job: _Job, save_precision: str | None) -> torch.dtype:
     return first.up.dtype  # keep the input's precision
 
 
-@contextmanager
-def _io_errors(path: str | os.PathLike) -> Iterator[None]:
-    """A failed write (disk full, permissions changed meanwhile) is one line, and atomic_write left nothing."""
-    try:
-        yield
-    except OSError as exc:
-        raise LoraxInputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-
-
 # ---------------------------------------------------------------- the public API
 
 
@@ -488,25 +481,34 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
     dev = check_options(threshold, match, device, precision, save_precision)
     filters = tuple(filter_blocks or ())
     plot_paths = side_paths(plot_path, paths, per_input=True)
-    for p in [report_path, *plot_paths]:
-        if p is not None:
-            check_writable(p, overwrite)
     for p in paths:
         if not p.exists():
             raise LoraxInputError(f"{p}: LoRA file not found")
     for p in (source_model, target_model):
         if not Path(p).exists():
             raise LoraxInputError(f"{p}: model not found")
+    # every output is checked against the inputs and the others before any work (see outputs.py)
+    outputs = OutputSet(overwrite)
+    for p in paths:
+        outputs.input(p, "--lora")
+    outputs.input(Path(source_model), "--source_model")
+    outputs.input(Path(target_model), "--target_model")
+    if report_path is not None:
+        outputs.add(report_path, "--report")
+    for p in plot_paths:
+        if p is not None:
+            outputs.add(p, "--plot")
 
     with Checkpoint.open(source_model) as src, Checkpoint.open(target_model) as tgt:
         outs: list[Path | None] = [None] * len(paths)
         if not dry_run:
             outs = list(output_paths(paths, save_to, tgt.name))
             for o in outs:
-                check_writable(o, overwrite)
+                outputs.add(o, "--save_to")
         files = [read_lora(p) for p in paths]
         for f in files:
             check_lora_against_source(f, src)
+            check_filters(f, filters)
         check_checkpoints(src, tgt, {n for f in files for n in f.modules})
 
         jobs = []
@@ -543,29 +545,37 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
         eng.norms.save()
 
         if not dry_run:
-            from ..formats.lora_file import write_lora
-
-            for j, o in zip(jobs, outs):
+            for j in jobs:
                 if not j.out:
-                    raise LoraxInputError(f"{j.path}: no module passed (threshold {threshold}); nothing to write "
-                                          f"(lower --threshold or use --dry_run to see the report)")
-            for j, o in zip(jobs, outs):
+                    raise LoraxInputError(nothing_passed(j.path, j.report, threshold))
+            for j in jobs:
                 meta = _output_metadata(j, src, tgt, float(threshold), hashing.result())
                 j.report.source_hash = meta.get("lorax.source_model_hash")
                 j.report.target_hash = meta.get("lorax.target_model_hash")
-                with _io_errors(o):
-                    write_lora(o, [j.out[n] for n in sorted(j.out)], meta, dtype=_save_dtype(j, save_precision),
-                               overwrite=overwrite)
+                j.meta = meta
 
     reports = [j.report for j in jobs]
-    if report_path is not None:
-        with _io_errors(report_path):
-            write_json(reports, report_path)
-    for rep, pp in zip(reports, plot_paths):
-        if pp is not None:
-            with _io_errors(pp):
-                plot_heatmap(rep, pp)
+    _write_outputs(outputs, jobs, outs, reports, report_path, plot_paths, save_precision)
     return reports
+
+
+def _write_outputs(outputs: OutputSet, jobs: Sequence[_Job], outs: Sequence[Path | None],
+                   reports: Sequence[TransferReport], report_path: str | os.PathLike | None,
+                   plot_paths: Sequence[Path | None], save_precision: str | None) -> None:
+    """Adapters, report and plots as one unit: all to temporaries, then all renamed (outputs.py)."""
+    from ..formats.lora_file import write_lora
+
+    with outputs.writing():
+        for j, o in zip(jobs, outs):
+            if o is not None:
+                mods = [j.out[n] for n in sorted(j.out)]
+                outputs.stage(o, lambda tmp, j=j, mods=mods: write_lora(
+                    tmp, mods, j.meta, dtype=_save_dtype(j, save_precision), overwrite=True))
+        if report_path is not None:
+            outputs.stage(report_path, lambda tmp: write_json(reports, tmp))
+        for rep, pp in zip(reports, plot_paths):
+            if pp is not None:
+                outputs.stage(pp, lambda tmp, rep=rep: plot_heatmap(rep, tmp))
 
 
 def print_tables(reports: Sequence[TransferReport], write: Callable[[str], None] = print) -> None:

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 
 from ..errors import LoraxInputError
+from ..families import detect
 from ..formats.finite import all_finite
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
     from ..formats.lora_file import LoraFile
+    from .report import TransferReport
 
 MATCH_MODES = ("name", "similarity")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,6 +58,9 @@ def output_paths(loras: Sequence[Path], save_to: str | os.PathLike | None, targe
             raise LoraxInputError(f"{save_to}: {len(loras)} --lora inputs need an output folder, not one file")
         return [save_to]
     if not save_to.is_dir():
+        if save_to.exists() or save_to.suffix:
+            # a file name that is not .safetensors (out.txt, out.pt): not a missing folder
+            raise LoraxInputError(f"{save_to}: --save_to must be a .safetensors file or an existing folder")
         raise LoraxInputError(f"{save_to}: output folder does not exist")
     target_stem = Path(target_name).stem or "target"
     outs = [save_to / f"{p.stem}_to_{target_stem}.safetensors" for p in loras]
@@ -79,22 +84,22 @@ def filtered(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
 
 
-def lora_family_hint(names: Iterable[str], metadata: dict[str, str]) -> str | None:
-    """"sdxl" / "sd1-or-sd2" from the LoRA's names (te1/te2, input_blocks) or kohya metadata, else None."""
-    names = list(names)
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith("lora_unet_input_blocks_")
-           or n.startswith("lora_unet_output_blocks_") or n.startswith("lora_unet_middle_block_")
-           for n in names):
-        return "sdxl"
-    if any(n.startswith("lora_te_") or n.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_",
-                                                    "lora_unet_mid_block_")) for n in names):
-        return "sd1-or-sd2"
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith(("sd_v1", "sd_v2")):
-        return "sd1-or-sd2"
-    return None
+def check_filters(lora: "LoraFile", patterns: Sequence[str]) -> None:
+    """Refuse, before any work, --filter_blocks that exclude every module of a LoRA file."""
+    if patterns and lora.modules and all(filtered(n, patterns) for n in lora.modules):
+        raise LoraxInputError(f"{lora.path}: --filter_blocks {' '.join(patterns)} excludes all "
+                              f"{len(lora.modules)} modules of this file; nothing would be transferred")
+
+
+def nothing_passed(path: Path, report: "TransferReport", threshold: float) -> str:
+    """Why no module of `path` was kept, by reason (the report's), for the refusal to write an empty file."""
+    counts: dict[str, int] = {}
+    for m in report.modules:
+        counts[m.reason] = counts.get(m.reason, 0) + 1
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    hint = "lower --threshold" if "below threshold" in counts else "check --filter_blocks and the target model"
+    return (f"{path}: no module was transferred ({why}; threshold {threshold}); nothing to write "
+            f"({hint}, or use --dry_run to see the report)")
 
 
 def _shape_str(shape: Iterable[int]) -> str:
@@ -103,12 +108,11 @@ def _shape_str(shape: Iterable[int]) -> str:
 
 def check_lora_against_source(lora: "LoraFile", src: "Checkpoint") -> None:
     """The LoRA's family, module names and factor shapes must fit the source checkpoint."""
-    hint = lora_family_hint(lora.modules, lora.metadata)
-    src_is_xl = src.family == "sdxl"
-    if hint is not None and (hint == "sdxl") != src_is_xl:
+    family, evidence = detect.lora_family({n: tuple(m.down.shape) for n, m in lora.modules.items()}, lora.metadata)
+    if not detect.fits(family, src.family):
         example = next(iter(sorted(lora.modules)), "?")
         raise LoraxInputError(
-            f"{lora.path}: LoRA is for {'SDXL' if hint == 'sdxl' else 'SD1/SD2'} (e.g. module {example}) but "
+            f"{lora.path}: LoRA is for {family} (by its {evidence}, e.g. module {example}) but "
             f"the source model {src.path} is {src.family}: a LoRA transfers only within one family")
     refs = src.modules()
     for name in sorted(lora.modules):
