@@ -12,7 +12,6 @@ import torch
 from ..formats.atomic import atomic_write
 from ..errors import LoraxInputError
 
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FILE = "train_state.json"
 
 

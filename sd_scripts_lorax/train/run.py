@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import LoraxInputError
-from .checkpoints import SAVE_DTYPES, TrainState, load_state
+from ..formats.precision import PRECISION_DTYPES, precision_dtype
+from .checkpoints import TrainState, load_state
 from .config import parse_resolution
 from .data_config import datasets_from_args
 from .dataset import BucketedDataset, load_image
@@ -24,9 +25,6 @@ from .models import TrainModels, encode_images, load_models
 from .network_setup import create_network, import_network_module, network_kwargs, optimizer_groups
 from .optim import make_optimizer, make_scheduler, optimizer_description, warmup_steps
 from .tiny_data import ensure_embedded
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def check_device(device: str, mixed_precision: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
@@ -151,7 +149,7 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     lr_scheduler = make_scheduler(args["lr_scheduler"], optimizer, warmup * nproc, max_steps * nproc,
                                   args["lr_scheduler_num_cycles"], args["lr_scheduler_power"])
 
-    weight_dtype = WEIGHT_DTYPES[args["mixed_precision"]]
+    weight_dtype = PRECISION_DTYPES[args["mixed_precision"]]
     device = accelerator.device
     for m in [models.vae, models.unet, *models.text_encoders]:
         # frozen weights in the autocast dtype (kohya); fp32 stays as loaded
@@ -197,7 +195,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     }
     base_md = base_metadata(args, models.family, run_info)
     spec_md = modelspec(args, models.family, resolution)
-    extra_md = lorax_extra_metadata(args, models)
+    # no lorax.* keys here: networks.lora_x's save_weights adds them from the ss_* source-model keys, the same
+    # way under kohya's trainer (formats.lora_file.lorax_metadata); other network modules get none
 
     output_name = args.get("output_name") or "last"
     sample_fn = None
@@ -213,7 +212,7 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     settings = LoopSettings(
         max_train_steps=max_steps, num_epochs=num_epochs, seed=seed, output_dir=Path(args["output_dir"]),
         output_name=output_name, save_suffix="." + args["save_model_as"],
-        save_dtype=SAVE_DTYPES[args.get("save_precision")], save_every_n_steps=args.get("save_every_n_steps"),
+        save_dtype=precision_dtype(args.get("save_precision")), save_every_n_steps=args.get("save_every_n_steps"),
         save_every_n_epochs=args.get("save_every_n_epochs"), save_state=args["save_state"], v_prediction=v_param,
         min_snr_gamma=args.get("min_snr_gamma"), noise_offset=args.get("noise_offset"),
         clip_skip=args.get("clip_skip"), max_grad_norm=args["max_grad_norm"], train_text_encoder=train_te,
@@ -222,7 +221,7 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
         sample_every_n_epochs=args.get("sample_every_n_epochs"), lr_descriptions=descs)
     try:
         result = train_loop(accelerator, models, network, optimizer, lr_scheduler, data, settings, start,
-                            lambda step, epoch: at_save(base_md, spec_md, step, epoch, extra_md), sample_fn)
+                            lambda step, epoch: at_save(base_md, spec_md, step, epoch), sample_fn)
     finally:
         accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -231,17 +230,3 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
     result["family"] = models.family
     return result
 
-
-def lorax_extra_metadata(args: Mapping[str, Any], models: TrainModels) -> dict[str, str]:
-    """lorax.* keys (format version, rank, source model) for LoRA-X runs, when lora_file provides them."""
-    if args["network_module"] != "networks.lora_x":
-        return {}
-    try:
-        from ..formats.lora_file import lorax_metadata
-    except ImportError:
-        return {}
-    try:
-        return {str(k): str(v) for k, v in lorax_metadata(rank=args.get("network_dim"),
-                                                          source_name=models.name).items()}
-    except TypeError:
-        return {}
