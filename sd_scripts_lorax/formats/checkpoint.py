@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from ..errors import LoraxInputError, first_line
+from ..families import detect
+from ..families.detect import EMA_PREFIX
 from .hashing import FileHashes, hash_files
 from .pickles import SUFFIXES as PICKLE_SUFFIXES
 from .pickles import load_state_dict
@@ -26,7 +28,6 @@ if TYPE_CHECKING:  # torch is imported lazily so that bad input is refused witho
 
     from ..families.naming import ModuleRef
 
-EMA_PREFIX = "model_ema."
 # diffusers components we read, in kohya's order; each may hold weights under either base name
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 _WEIGHT_BASES = ("diffusion_pytorch_model", "model")
@@ -202,27 +203,10 @@ def _open_pickle(path: Path) -> Checkpoint:
 
 
 def detect_single_file_family(shapes: Mapping[str, tuple[int, ...]], path: str | os.PathLike) -> str:
-    """SD1/SD2/SDXL from original-layout keys (text encoders first; UNet-only files by their UNet)."""
-    keys = [k for k in shapes if not k.startswith(EMA_PREFIX)]
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("conditioner.embedders.1.model."):
-        return "sdxl"
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if has("cond_stage_model.transformer."):
-        return "sd1"
-    if not has("conditioner.") and not has("cond_stage_model.") and has("model.diffusion_model.input_blocks."):
-        # a UNet-only file: SDXL has the text-time label embedding; SD2 has linear proj_in
-        if has("model.diffusion_model.label_emb."):
-            return "sdxl"
-        proj_in = [s for k, s in shapes.items()
-                   if k.startswith("model.diffusion_model.") and k.endswith(".proj_in.weight")]
-        if proj_in:
-            return "sd2" if len(proj_in[0]) == 2 else "sd1"
-    raise LoraxInputError(f"{path}: {UNKNOWN_ARCH}")
+    family = detect.single_file_family(shapes)
+    if family is None:
+        raise LoraxInputError(f"{path}: {UNKNOWN_ARCH}")
+    return family
 
 
 # ---------------------------------------------------------------- diffusers folders
@@ -295,17 +279,10 @@ def _open_diffusers(path: Path) -> Checkpoint:
 
 
 def detect_diffusers_family(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """SD1/SD2/SDXL of a diffusers folder from model_index.json, its components and the UNet config."""
     if not any(k.startswith("unet/down_blocks.") for k in shapes):
         raise LoraxInputError(f"{path}: {UNKNOWN_ARCH}")
-    index = _read_json(path / "model_index.json")
-    if "XL" in str(index.get("_class_name", "")) or (path / "text_encoder_2").is_dir():
-        return "sdxl"
-    config = _read_json(path / "unet" / "config.json")
-    if config:
-        if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
-            return "sd2"
-        return "sd1"
-    # no config: SD2's transformer projections are Linear (2-D), SD1's are 1x1 convs
-    proj_in = [s for k, s in shapes.items() if k.startswith("unet/") and k.endswith(".proj_in.weight")]
-    return "sd2" if proj_in and len(proj_in[0]) == 2 else "sd1"
+    family = detect.diffusers_family(_read_json(path / "model_index.json"), _read_json(path / "unet" / "config.json"),
+                                     (path / "text_encoder_2").is_dir(), shapes)
+    if family is None:
+        raise LoraxInputError(f"{path}: {UNKNOWN_ARCH}")
+    return family

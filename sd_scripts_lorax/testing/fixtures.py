@@ -23,13 +23,14 @@ import torch
 
 from ..families import ldm_convert
 from ..formats.atomic import atomic_write, check_writable
+from ..formats.precision import precision_dtype
 from ..formats.safetensors_io import UnsupportedError, torch_dtype, write_stream
 from ..errors import LoraxInputError, cli_errors
 from .fixture_math import SPECTRA, drift_tensor, init_tensor
 from ..families.model_configs import build_models, text_encoder_configs
 
 CLI_FAMILIES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # what --dtype accepts (formats.precision holds their dtypes)
 _SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
@@ -100,7 +101,7 @@ def write_fixture(family: str, layout: str, size: str, seed: int, out: str | os.
         raise LoraxInputError(f"unknown size {size!r}; expected tiny or full")
     if spectrum not in SPECTRA:
         raise LoraxInputError(f"unknown spectrum {spectrum!r}; expected one of {SPECTRA}")
-    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dt = precision_dtype(dtype, "dtype", DTYPE_NAMES) if isinstance(dtype, str) else dtype
     out = check_writable(out, overwrite)
     comps, shapes, dtypes = _meta(family, size)
 
@@ -299,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .safetensors file or diffusers folder")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--ema", action="store_true", help="add LDM model_ema.* UNet copies (single file)")
     p.add_argument("--spectrum", choices=SPECTRA, default="init")
     p.add_argument("--derive_from", help="write a fine-tune of this fixture instead of a new model")

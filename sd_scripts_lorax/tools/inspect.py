@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..families import detect
 from ..formats.checkpoint import Checkpoint
 from ..formats.lora_file import read_lora
 from ..formats.safetensors_header import read_header
@@ -165,28 +166,9 @@ def _num(v: float) -> float | int:
 
 
 def lora_family(entries: Mapping[str, LoraEntry], meta: Mapping[str, str]) -> tuple[str, str]:
-    """`(family, where it came from)`: metadata first, then the module names and widths."""
-    version = meta.get("ss_base_model_version", "")
-    for prefix, fam in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
-            return fam, "ss_base_model_version"
-    arch = meta.get("modelspec.architecture", "")
-    for prefix, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                        ("stable-diffusion-v1", "sd1")):
-        if arch.startswith(prefix):
-            return fam, "modelspec.architecture"
-    names = list(entries)
-    sai = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-    if any(n.startswith(("lora_te1_", "lora_te2_", *sai)) for n in names):
-        return "sdxl", "names"
-    # SD1 and SD2 share names: tell them apart by the text (or cross-attention) width, 768 vs 1024;
-    # 2048 is SDXL's cross-attention width (a UNet-only SDXL LoRA with diffusers-style names)
-    widths = [e.down[1] for n, e in entries.items() if n.startswith("lora_te_") and n.endswith("_q_proj")]
-    widths += [e.down[1] for n, e in entries.items() if n.startswith("lora_unet_") and n.endswith("_attn2_to_k")]
-    for width, fam in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
-        if widths and widths[0] == width:
-            return fam, "widths"
-    return "sd1/sd2", "names"
+    """`(family, where it came from)`: see `families.detect.lora_family`."""
+    family, evidence = detect.lora_family({n: e.down for n, e in entries.items()}, meta)
+    return family or detect.SD1_OR_SD2, evidence
 
 
 def fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
@@ -216,7 +198,7 @@ def base_fit(entries: Mapping[str, LoraEntry], lora_family_: str, base: Path) ->
         return {
             "path": str(base),
             "family": ck.family,
-            "family_matches": lora_family_ == ck.family or (lora_family_ == "sd1/sd2" and ck.family != "sdxl"),
+            "family_matches": detect.fits(lora_family_, ck.family),
             "fits": len(entries) - len(problems),
             "total": len(entries),
             "ok": not problems,

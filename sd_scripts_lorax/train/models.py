@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraxInputError
+from ..families import detect
 from ..families.model_configs import VAE_SCALING
 
 
@@ -37,23 +38,16 @@ class TrainModels:
 
 
 def detect_family_of_folder(folder: Path) -> str:
-    """sdxl when the UNet has text-time conditioning; sd2 when the text encoder is OpenCLIP-like
-    (plain gelu), else sd1. Unknown layouts are refused."""
+    """The family of a diffusers folder (families.detect); unknown layouts are refused."""
     unet_cfg = folder / "unet" / "config.json"
     if not unet_cfg.is_file():
         raise LoraxInputError(f"{folder}: not a diffusers model folder (unet/config.json missing)")
-    cfg = json.loads(unet_cfg.read_text())
-    if cfg.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    te_cfg = folder / "text_encoder" / "config.json"
-    if not te_cfg.is_file():
-        raise LoraxInputError(f"{folder}: unknown model family (no text_encoder/config.json)")
-    act = json.loads(te_cfg.read_text()).get("hidden_act")
-    if act == "gelu":
-        return "sd2"
-    if act == "quick_gelu":
-        return "sd1"
-    raise LoraxInputError(f"{folder}: unknown model family (text encoder hidden_act {act!r})")
+    index = folder / "model_index.json"
+    family = detect.diffusers_family(json.loads(index.read_text()) if index.is_file() else {},
+                                     json.loads(unet_cfg.read_text()), (folder / "text_encoder_2").is_dir())
+    if family is None:
+        raise LoraxInputError(f"{folder}: unknown model family")
+    return family
 
 
 def _check_flags(family: str, path: Path, v2: bool, sdxl: bool) -> None:

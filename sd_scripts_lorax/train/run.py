@@ -229,4 +229,3 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
             torch.distributed.destroy_process_group()  # else gloo ranks can hang at interpreter exit
     result["family"] = models.family
     return result
-

@@ -83,7 +83,7 @@ def test_different_families(tmp_path, sd1_lora, tiny_sd1_single, tiny_sdxl_singl
     # an SD1.5 LoRA onto SDXL checkpoints
     res = run("--lora", sd1_lora, "--source_model", tiny_sdxl_single, "--target_model", tiny_sdxl_single,
               "--save_to", out)
-    assert_refused(res, str(sd1_lora), "SD1/SD2", "sdxl")
+    assert_refused(res, str(sd1_lora), "LoRA is for sd1", "sdxl")
     assert files(tmp_path) == set()
 
 
