@@ -119,12 +119,11 @@ def modelspec(args: Mapping[str, Any], family: str, resolution: tuple[int, int])
     return md
 
 
-def at_save(base: Mapping[str, str], spec: Mapping[str, str], step: int, epoch: int,
-            extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The metadata of one saved file: base + save-time keys + modelspec (+ lorax.* etc.)."""
+def at_save(base: Mapping[str, str], spec: Mapping[str, str], step: int, epoch: int) -> dict[str, str]:
+    """The metadata handed to the network's save_weights for one file: base + save-time keys + modelspec
+    (networks.lora_x's save_weights adds the lorax.* keys from it)."""
     md = dict(base)
     if "ss_session_id" in md or len(md) > len(MINIMUM_KEYS):
         md.update(ss_training_finished_at=str(time.time()), ss_steps=str(step), ss_epoch=str(epoch))
     md.update(spec)
-    md.update(extra or {})
     return md

@@ -1,18 +1,19 @@
 """The embedded tiny model and dataset that configs/tiny_lorax.toml trains on, built on first use.
 
 A path whose folder name is one of EMBEDDED (e.g. `.cache/tiny-sd1-lorax`) and that does not exist
-is built deterministically there: the tiny SD1 model from `model_configs` + `tiny_tokenizer`
-(through `fixtures.write_fixture` when that module is installed), and the "blue fire" style images
-from `embedded.write_style_dataset` (kohya folder layout, `10_bluefire/*.png` + `.txt`).
+is built deterministically there: the tiny SD1 (or SDXL) model by `testing.fixtures.write_fixture`
+(`model_configs` + `tiny_tokenizer`), and the "blue fire" style images from
+`embedded.write_style_dataset` (kohya folder layout, `10_bluefire/*.png` + `.txt`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from ..testing.fixtures import write_fixture
 
 TINY_MODEL = "tiny-sd1-lorax"
 TINY_SDXL_MODEL = "tiny-sdxl-lorax"
@@ -21,44 +22,7 @@ TINY_DATA = "tiny-bluefire"
 
 def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     """A diffusers folder (model_index.json, unet, text_encoder(s), tokenizer(s), vae, scheduler)."""
-    try:
-        from ..testing.fixtures import write_fixture
-    except ImportError:
-        write_fixture = None
-    if write_fixture is not None:
-        write_fixture(family, "diffusers", "tiny", seed, out, overwrite=True)
-        return out
-    from diffusers import DDIMScheduler
-
-    from ..families.model_configs import build_models
-    from ..testing.tiny_tokenizer import write_tokenizer
-
-    models = build_models(family, "tiny", seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    models.unet.save_pretrained(out / "unet")
-    models.vae.save_pretrained(out / "vae")
-    te_names = ["text_encoder", "text_encoder_2"]
-    tok_names = ["tokenizer", "tokenizer_2"]
-    for i, te in enumerate(models.text_encoders):
-        te.save_pretrained(out / te_names[i])
-        write_tokenizer(out / tok_names[i])
-    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False).save_pretrained(out / "scheduler")
-    sdxl = family == "sdxl"
-    index = {
-        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-    }
-    if sdxl:
-        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
+    return write_fixture(family, "diffusers", "tiny", seed, out, overwrite=True)
 
 
 def write_tiny_dataset(out: Path, seed: int = 0) -> Path:
