@@ -16,6 +16,7 @@ import torch
 from ..errors import LoraxInputError
 from ..families import detect
 from ..formats.finite import all_finite
+from ..formats.precision import PRECISION_DTYPES
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
     from .report import TransferReport
 
 MATCH_MODES = ("name", "similarity")
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-                   "bf16": torch.bfloat16}
+# the names --precision and --save_precision accept (kohya's float/fp16/bf16, and fp32): dtypes from formats.precision
+PRECISIONS = {name: PRECISION_DTYPES[name] for name in ("float", "fp32", "fp16", "bf16")}
+SAVE_PRECISIONS = PRECISIONS
 
 
 def check_options(threshold: float, match: str, device: str, precision: str,
