@@ -1,0 +1,108 @@
+"""The student fit: train the adapter's parameters so that target + adapter matches the teacher.
+
+Objective (all on the synthetic sets of `teacher`):
+
+    L = mean ||eps_{T+A}(x_t, c) - eps_{S+A_s}(x_t, c)||^2            adapter prompts, and the empty prompt
+      + keep_weight * mean ||eps_{T+A}(x_t, c') - eps_T(x_t, c')||^2   identity prompts (no trigger), on the
+                                                                     target's own samples
+
+The first term is output matching (what the source + adapter does, including how the rest of the
+network responds); the second keeps the target's own behaviour where the adapter's prompts do not
+apply, so the fine-tune is not pulled back toward the source. Adam on the adapter's parameters only;
+every random draw comes from one seeded generator, so a seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .teacher import MatchSet, _autocast, _pick
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int = 300
+    lr: float = 5e-3
+    batch_size: int = 8
+    keep_weight: float = 1.0
+    seed: int = 0
+    precision: str = "float"
+
+
+@dataclass
+class FitResult:
+    curve: list[float] = field(default_factory=list)       # the objective at every step
+    match_curve: list[float] = field(default_factory=list)  # its matching term
+
+
+def _conds(model, prompts: list[str], grad: bool):
+    if grad:
+        return model.encode(prompts)
+    with torch.no_grad():
+        return model.encode(prompts)
+
+
+def _term(model, s: MatchSet, idx: torch.Tensor, cond, precision: str) -> torch.Tensor:
+    dev = model.device
+    with _autocast(dev, precision):
+        pred = model.eps(s.x[idx].to(dev), s.t[idx].to(dev), _pick(cond, s.p[idx])).float()
+    return F.mse_loss(pred, s.y[idx].to(dev))
+
+
+def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: FitConfig, te_trained: bool,
+        progress: Callable[[int, float], None] | None = None) -> FitResult:
+    """Run `cfg.steps` Adam steps on `adapter.parameters()`; returns the loss curves."""
+    res = FitResult()
+    params = adapter.parameters()
+    if not params or cfg.steps <= 0:
+        return res
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    use_keep = keep is not None and len(keep) > 0 and cfg.keep_weight > 0
+    # without trained text-encoder modules the conditioning is fixed: encode once
+    fixed_m = None if te_trained else _conds(model, match.prompts, False)
+    fixed_k = None if (te_trained or not use_keep) else _conds(model, keep.prompts, False)
+    for step in range(cfg.steps):
+        cm = fixed_m if fixed_m is not None else _conds(model, match.prompts, True)
+        idx = torch.randint(0, len(match), (min(cfg.batch_size, len(match)),), generator=gen)
+        lm = _term(model, match, idx, cm, cfg.precision)
+        loss = lm
+        if use_keep:
+            ck = fixed_k if fixed_k is not None else _conds(model, keep.prompts, True)
+            kidx = torch.randint(0, len(keep), (min(cfg.batch_size, len(keep)),), generator=gen)
+            loss = lm + cfg.keep_weight * _term(model, keep, kidx, ck, cfg.precision)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        res.curve.append(float(loss.detach()))
+        res.match_curve.append(float(lm.detach()))
+        if progress is not None:
+            progress(step, res.curve[-1])
+    return res
+
+
+@torch.no_grad()
+def predict(model, s: MatchSet, precision: str, batch: int = 32) -> torch.Tensor:
+    """The model's current predictions on every item of `s` (float32, CPU)."""
+    cond = model.encode(s.prompts)
+    out = []
+    for i in range(0, len(s), batch):
+        idx = torch.arange(i, min(i + batch, len(s)))
+        with _autocast(model.device, precision):
+            out.append(model.eps(s.x[idx].to(model.device), s.t[idx].to(model.device),
+                                 _pick(cond, s.p[idx])).float().cpu())
+    return torch.cat(out) if out else torch.zeros_like(s.y)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.mse_loss(a.double(), b.double())) if a.numel() else math.nan
+
+
+def relative(err: float, base: float) -> float:
+    """err / base (0 = perfect, 1 = no better than the baseline); nan when base is 0."""
+    return err / base if base > 0 else math.nan
