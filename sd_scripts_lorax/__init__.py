@@ -12,3 +12,5 @@ Library layout (see docs/architecture.md):
 
 __version__ = "0.1.0"
 FORMAT_VERSION = "1"
+# the kohya --network_module that trains LoRA-X, and so the ss_network_module of the files it saves
+NETWORK_MODULE = "networks.lora_x"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import FORMAT_VERSION
+from .. import FORMAT_VERSION, NETWORK_MODULE
 from ..errors import LoraxInputError, first_line
 from . import pickles, safetensors_io
 from .atomic import atomic_write, check_writable
@@ -29,7 +29,6 @@ from .safetensors_header import encode, input_error, parse
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 SUFFIXES = (DOWN, UP, ALPHA)
-NETWORK_MODULE = "networks.lora_x"
 
 _LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "dora_scale", "oft_", ".diff", "w_norm", "b_norm")
 _PEFT_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")

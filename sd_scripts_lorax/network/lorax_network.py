@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .. import NETWORK_MODULE
 from ..errors import LoraxInputError
 from ..formats.finite import all_finite
 from ..lorax import Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, top_bases_batched
@@ -33,7 +34,6 @@ from .targets import (TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, Target, find_
 
 logger = logging.getLogger(__name__)
 
-NETWORK_MODULE = "networks.lora_x"
 DEFAULT_RANK = 320
 
 KNOWN_ARGS = ("conv_dim", "svd_cache_dir", "svd_device", "svd_method")

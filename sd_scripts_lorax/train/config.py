@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import toml
 
+from .. import NETWORK_MODULE
 from ..errors import LoraxInputError
 
 FLAG = "flag"  # store_true option
@@ -59,7 +60,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_cpu_threads_per_process", int, None,
            "torch CPU threads (as accelerate's launcher flag; 1 avoids oversubscription on busy machines)"),
     # network
-    Option("network_module", str, "networks.lora_x", "kohya-contract network module to train"),
+    Option("network_module", str, NETWORK_MODULE, "kohya-contract network module to train"),
     Option("network_dim", int, None, "rank"),
     Option("network_alpha", float, 1.0, "alpha (scale = alpha / dim)"),
     Option("network_dropout", float, None, "neuron dropout passed to the network"),
