@@ -14,7 +14,7 @@ from typing import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (flags are a public contract, see DESIGN.md)."""
+    """The command line (flags are a public contract: docs/design.md §5)."""
     p = argparse.ArgumentParser(
         prog="transfer_lorax.py",
         description="Carry LoRA-X adapters from a source checkpoint to a related target checkpoint "

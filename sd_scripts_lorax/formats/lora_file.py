@@ -1,4 +1,4 @@
-"""Read and write kohya LoRA(-X) files (DESIGN.md section 3).
+"""Read and write kohya LoRA(-X) files (docs/design.md §3).
 
 A file holds, per module `<lora_name>`, exactly three tensors: `.lora_down.weight` (r, in[, kh, kw]),
 `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` (0-dim), plus string metadata (`ss_*`, `modelspec.*`,

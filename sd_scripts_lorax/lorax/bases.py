@@ -1,4 +1,4 @@
-"""Top-r singular bases of a base weight (DESIGN.md section 2).
+"""Top-r singular bases of a base weight (docs/design.md §2).
 
 Three interchangeable ways to get the same bases, all returning float32 on the input's device with
 one fixed sign convention (the largest-|.| entry of every `u` column is positive, the matching `v`

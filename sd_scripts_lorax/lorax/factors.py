@@ -1,4 +1,4 @@
-"""LoRA factors <-> LoRA-X quantities, without forming out x in products (DESIGN.md section 2).
+"""LoRA factors <-> LoRA-X quantities, without forming out x in products (docs/design.md §2).
 
 Factor shapes everywhere: `down` (k, in) or (k, in, kh, kw), `up` (out, k) or (out, k, 1, 1), and
 dW = scale * up @ down (flattened). Results are float32 (float64 for the norms), on the inputs' device.

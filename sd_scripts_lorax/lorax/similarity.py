@@ -1,4 +1,4 @@
-"""Subspace similarity of two weights' bases (DESIGN.md section 2)."""
+"""Subspace similarity of two weights' bases (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The LoRA-X network: kohya's network-module contract over `modules.LoraXModule`.
 
 `create_network` / `create_network_from_weights` / `LoraXNetwork` are what kohya's
-`train_network.py` (and our own trainer) call, in the order given in kohya-interfaces.md section 1.3.
+`train_network.py` (and our own trainer) call, in the order given in docs/kohya-contract.md §1.2.
 The network finds its targets by class name exactly like kohya's `networks/lora.py`, names them the
 kohya way (SD1/2 diffusers paths, SDXL SAI paths, `text_model.` TE paths), computes each target's
 top-r bases once (batched by shape, cached by content hash when asked), and saves plain kohya LoRA

@@ -1,6 +1,6 @@
 """networks.lora_x driven call by call the way kohya's train_network.py drives a network module.
 
-The order and the argument shapes follow kohya-interfaces.md section 1.3 (train_network.py HEAD):
+The order and the argument shapes follow docs/kohya-contract.md §1.2 (train_network.py HEAD):
 create_network with string network_args plus the injected `dropout`, hasattr checks,
 prepare_network, apply_to, load_weights (--network_weights), enable_gradient_checkpointing,
 prepare_optimizer_params, accelerator.prepare, prepare_grad_etc, on_epoch_start, on_step_start, a

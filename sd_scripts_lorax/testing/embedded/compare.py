@@ -10,7 +10,7 @@ from ...lorax import module_similarity, top_bases
 
 
 def subspace_phi(a: torch.Tensor, b: torch.Tensor, rank: int = 8) -> float:
-    """min(phi_U, phi_V), phi_U = ||U_a^T U_b||_F^2 / r over the top-r singular vectors (DESIGN.md section 2),
+    """min(phi_U, phi_V), phi_U = ||U_a^T U_b||_F^2 / r over the top-r singular vectors (docs/design.md §2),
     from the bases and similarity the transfer uses."""
     return module_similarity(top_bases(a, rank), top_bases(b, rank)).phi
 
