@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lorax.factors import delta_from_factors
+
 WRAPPABLE = ("Linear", "Conv2d")
 
 
@@ -154,9 +156,7 @@ class LoraXModule(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """m * U diag(d) V^T shaped like the base weight, fp32 (for merging; not used in forward)."""
-        up = self.u.float() * self.d.detach().float()[None, :]
-        dw = up @ self.down.float().reshape(self.rank, -1)
-        return (dw * self.multiplier).reshape(self.base.weight.shape)
+        return delta_from_factors(self.up_weight(), self.down_weight(), self.multiplier).reshape(self.base.weight.shape)
 
     @torch.no_grad()
     def merge_to(self, multiplier: float | None = None) -> None:
