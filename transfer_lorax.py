@@ -51,9 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C (also while the libraries import): one line, exit 130; the outputs are written as one
     unit at the very end, so an interrupted run leaves none of them (nor a temporary file).
     """
-    args = build_parser().parse_args(argv)
     reports = None
     try:
+        args = build_parser().parse_args(argv)
         from sd_scripts_lorax.errors import cli_errors
         from sd_scripts_lorax.transfer.engine import print_tables, transfer
 

@@ -16,7 +16,6 @@ import torch
 from ..errors import LoraxInputError
 from ..formats.precision import PRECISION_DTYPES, precision_dtype
 from .checkpoints import TrainState, load_state
-from .config import parse_resolution
 from .data_config import datasets_from_args
 from .dataset import BucketedDataset, load_image
 from .loop import LoopSettings, train_loop

@@ -161,7 +161,7 @@ def test_model_hashes_are_remembered_by_file_state(tmp_path, tiny_sd1_single):
         h = model_hashes(ckpt, cache)
         assert h == ckpt.hashes(addnet=False)
         doc = json.loads((cache / HASHES_FILE).read_text())
-        ((key, entry),) = doc.items()
+        ((_, entry),) = doc.items()
         entry["sha256"] = "f" * 64  # a remembered value is served without hashing the file again
         (cache / HASHES_FILE).write_text(json.dumps(doc))
         assert model_hashes(ckpt, cache).sha256 == "f" * 64
