@@ -7,6 +7,7 @@ dW = scale * up @ down (flattened). Results are float32 (float64 for the norms),
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -21,6 +22,20 @@ def flatten_weight(w: Tensor) -> Tensor:
     if w.dim() == 4:
         return w.reshape(w.shape[0], -1)
     raise ValueError(f"expected a 2-D or 4-D weight, got shape {tuple(w.shape)}")
+
+
+def factors_fit(up: Sequence[int], down: Sequence[int], weight: Sequence[int]) -> bool:
+    """Whether factors of these shapes form an update of a weight of this shape: `up` (out, r[, 1, 1]);
+    `down` (r, in[, 1, 1]) for a Linear or 1x1 conv, (r, in, kh, kw) for a kh x kw conv. The one shape
+    check of files, state dicts and checkpoints against each other."""
+    up, down, weight = tuple(up), tuple(down), tuple(weight)
+    if len(weight) not in (2, 4) or len(down) not in (2, 4) or len(up) not in (2, 4):
+        return False
+    if len(weight) == 2 or weight[2:] == (1, 1):
+        down_ok = (len(down) == 2 or down[2:] == (1, 1)) and down[1] == weight[1]
+    else:
+        down_ok = len(down) == 4 and down[1:] == weight[1:]
+    return down_ok and up[0] == weight[0] and up[1] == down[0] and (len(up) == 2 or up[2:] == (1, 1))
 
 
 def _up2d(up: Tensor) -> Tensor:

@@ -26,7 +26,8 @@ from torch import nn
 from .. import NETWORK_MODULE
 from ..errors import LoraxInputError
 from ..formats.finite import all_finite
-from ..lorax import Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, top_bases_batched
+from ..lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit,
+                     top_bases_batched)
 from .layer import LoraXModule
 from ..cache.svd_cache import get_many
 from .targets import (TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, Target, find_targets,  # noqa: F401 (re-exported)
@@ -335,8 +336,7 @@ class LoraXNetwork(nn.Module):
             m = mine[name]
             wshape = tuple(m.base.weight.shape)
             down, up = lm.down, lm.up
-            n_in = math.prod(wshape[1:])
-            if up.shape[0] != wshape[0] or down[0].numel() != n_in or up.shape[1] != down.shape[0]:
+            if not factors_fit(up.shape, down.shape, wshape):
                 raise LoraxInputError(f"{file_name}: module {name}: lora_up {tuple(up.shape)} / lora_down "
                                       f"{tuple(down.shape)} do not fit the base weight {wshape}")
             d = d_from_factors(m.u.float(), m.down.float().reshape(m.rank, -1).t(), up.float(), down.float(),
@@ -411,9 +411,7 @@ class LoraXNetwork(nn.Module):
         deltas = {}
         for name, lm in modules.items():
             w = self._targets[name].base.weight
-            up2 = lm.up.reshape(lm.up.shape[0], -1)
-            down2 = lm.down.reshape(lm.down.shape[0], -1)
-            if up2.shape[0] != w.shape[0] or down2.shape[1] != w[0].numel() or up2.shape[1] != down2.shape[0]:
+            if not factors_fit(lm.up.shape, lm.down.shape, w.shape):
                 raise LoraxInputError(f"merge_to: module {name}: lora_up {tuple(lm.up.shape)} / lora_down "
                                       f"{tuple(lm.down.shape)} do not fit the base weight {tuple(w.shape)}")
             deltas[name] = delta_from_factors(lm.up.to(w.device), lm.down.to(w.device), lm.scale * self.multiplier)

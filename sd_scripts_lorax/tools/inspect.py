@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from ..families import detect
 from ..formats.checkpoint import Checkpoint
+from ..lorax.factors import factors_fit
 from ..formats.lora_file import read_lora
 from ..formats.safetensors_header import read_header
 from ..errors import LoraxInputError
@@ -171,19 +172,6 @@ def lora_family(entries: Mapping[str, LoraEntry], meta: Mapping[str, str]) -> tu
     return family or detect.SD1_OR_SD2, evidence
 
 
-def fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
-    """Whether LoRA factors fit a base weight: a [r,in] / [r,in,1,1] down fits a Linear or 1x1 conv of that in."""
-    if len(weight) not in (2, 4) or len(down) not in (2, 4) or len(up) not in (2, 4):
-        return False
-    pointwise = len(weight) == 2 or weight[2:] == (1, 1)
-    if pointwise:
-        down_ok = (len(down) == 2 or down[2:] == (1, 1)) and down[1] == weight[1]
-    else:
-        down_ok = len(down) == 4 and down[1:] == weight[1:]
-    up_ok = up[0] == weight[0] and up[1] == down[0] and (len(up) == 2 or up[2:] == (1, 1))
-    return down_ok and up_ok
-
-
 def base_fit(entries: Mapping[str, LoraEntry], lora_family_: str, base: Path) -> dict[str, Any]:
     """Does every LoRA module map onto a module of `base` with matching shape?"""
     with Checkpoint.open(base) as ck:
@@ -193,7 +181,7 @@ def base_fit(entries: Mapping[str, LoraEntry], lora_family_: str, base: Path) ->
             ref = refs.get(name)
             if ref is None:
                 problems.append(f"{name}: no such module in {ck.name}")
-            elif not fits(e.down, e.up, ref.shape):
+            elif not factors_fit(e.up, e.down, ref.shape):
                 problems.append(f"{name}: down {list(e.down)} up {list(e.up)} vs weight {list(ref.shape)}")
         return {
             "path": str(base),

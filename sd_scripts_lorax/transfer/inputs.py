@@ -6,7 +6,6 @@ LoraxInputError line naming the file, the module and the shapes.
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -15,6 +14,7 @@ import torch
 
 from ..errors import LoraxInputError
 from ..families import detect
+from ..lorax.factors import factors_fit
 from ..formats.finite import all_finite
 from ..formats.precision import PRECISION_DTYPES
 
@@ -122,9 +122,7 @@ def check_lora_against_source(lora: "LoraFile", src: "Checkpoint") -> None:
         if ref is None:
             raise LoraxInputError(f"{lora.path}: module {name} maps to nothing in the source model {src.path} "
                                   f"({src.family}, {len(refs)} modules)")
-        out, n = ref.shape[0], math.prod(ref.shape[1:])
-        up_out, down_n = mod.up.shape[0], math.prod(mod.down.shape[1:])
-        if up_out != out or down_n != n or mod.up.shape[1] != mod.down.shape[0]:
+        if not factors_fit(mod.up.shape, mod.down.shape, ref.shape):
             raise LoraxInputError(
                 f"{lora.path}: module {name} has up {_shape_str(mod.up.shape)} / down {_shape_str(mod.down.shape)} "
                 f"but the source weight {ref.key} in {src.path} is {_shape_str(ref.shape)}")

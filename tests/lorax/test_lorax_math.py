@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace,
+from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit,
                                     flatten_weight, lorax_factors, module_similarity, project_factors,
                                     subspace_similarity, top_bases, top_bases_batched)
 from sd_scripts_lorax.lorax.bases import choose_method
@@ -443,3 +443,14 @@ def test_claimed_subspace_checks_refuse_wrong_claims():
 def vh_rows(vh: torch.Tensor, idx) -> torch.Tensor:
     """Rows `idx` of V^T as an (n, k) float32 V."""
     return vh[idx].T.float().contiguous()
+
+
+def test_factors_fit_rules():
+    assert factors_fit((640, 4), (4, 320), (640, 320))                  # Linear
+    assert factors_fit((640, 4, 1, 1), (4, 320, 1, 1), (640, 320))      # 1x1-conv LoRA on a Linear (SD2 proj_in)
+    assert factors_fit((640, 4), (4, 320), (640, 320, 1, 1))            # Linear LoRA on a 1x1 conv
+    assert factors_fit((640, 4, 1, 1), (4, 320, 3, 3), (640, 320, 3, 3))
+    assert not factors_fit((640, 4), (4, 320), (640, 320, 3, 3))        # pointwise LoRA on a 3x3 conv
+    assert not factors_fit((640, 4), (4, 321), (640, 320))
+    assert not factors_fit((641, 4), (4, 320), (640, 320))
+    assert not factors_fit((640, 5), (4, 320), (640, 320))

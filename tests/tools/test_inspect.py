@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from sd_scripts_lorax.formats.checkpoint import Checkpoint
 from sd_scripts_lorax.errors import LoraxInputError
-from sd_scripts_lorax.tools.inspect import fits, format_report, inspect_path, lora_family, LoraEntry
+from sd_scripts_lorax.tools.inspect import format_report, inspect_path, lora_family, LoraEntry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,17 +136,6 @@ def test_shape_mismatch_is_named(folders, tmp_path):
     b = inspect_path(lora, base=root)["base"]
     assert b["problem_count"] == 1 and b["problems"][0].startswith(name)
     assert "[4, 33]" in b["problems"][0] and "[32, 32]" in b["problems"][0]
-
-
-def test_fits_rules():
-    assert fits((4, 320), (640, 4), (640, 320))                  # Linear
-    assert fits((4, 320, 1, 1), (640, 4, 1, 1), (640, 320))      # 1x1-conv LoRA on a Linear (SD2 proj_in)
-    assert fits((4, 320), (640, 4), (640, 320, 1, 1))            # Linear LoRA on a 1x1 conv
-    assert fits((4, 320, 3, 3), (640, 4, 1, 1), (640, 320, 3, 3))
-    assert not fits((4, 320), (640, 4), (640, 320, 3, 3))        # pointwise LoRA on a 3x3 conv
-    assert not fits((4, 321), (640, 4), (640, 320))
-    assert not fits((4, 320), (641, 4), (640, 320))
-    assert not fits((4, 320), (640, 5), (640, 320))
 
 
 def _entries(names_widths):
