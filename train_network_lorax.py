@@ -19,17 +19,17 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     # kohya imports network modules relative to the script's folder (networks.lora_x)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sd_scripts_lorax.errors import cli_errors
-    from sd_scripts_lorax.train.config import parse_args
-    from sd_scripts_lorax.train.run import run_training
+    try:  # Ctrl-C while torch/diffusers import (seconds) is one line too, not a traceback
+        from sd_scripts_lorax.errors import cli_errors
+        from sd_scripts_lorax.train.config import parse_args
+        from sd_scripts_lorax.train.run import run_training
 
-    with cli_errors():
-        args = parse_args(argv)
-        try:
+        with cli_errors():
+            args = parse_args(argv)
             result = run_training(args)
-        except KeyboardInterrupt:
-            print("\ninterrupted: every file already in the output folder is complete", file=sys.stderr)
-            raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: every file already in the output folder is complete", file=sys.stderr)
+        raise SystemExit(130) from None
     if result["main"]:
         sync = f" ({result['num_processes']} processes, ranks in sync: {result['ranks_in_sync']})" \
             if result["num_processes"] > 1 else ""

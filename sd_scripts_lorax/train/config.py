@@ -194,12 +194,14 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     """tomllib.load with a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise LoraxInputError(f"{path}: config file not found")
+        raise LoraxInputError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise LoraxInputError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise LoraxInputError(f"{path}: not a TOML text file (not UTF-8; a binary file?)") from None
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:

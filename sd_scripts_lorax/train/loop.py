@@ -42,6 +42,7 @@ class LoopSettings:
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
     lr_descriptions: list[str] = field(default_factory=list)
+    state_identity: dict[str, str] = field(default_factory=dict)  # stored with saved states (checks.py)
 
 
 def step_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
@@ -97,7 +98,7 @@ def train_loop(accelerator, models: TrainModels, network, optimizer, lr_schedule
             path = s.output_dir / f"{stem}{s.save_suffix}"
             saved.append(save_weights_atomic(net, path, s.save_dtype, metadata_at(global_step, epoch)))
         if s.save_state and state_next is not None:
-            save_state(accelerator, s.output_dir / f"{stem}-state", state_next)
+            save_state(accelerator, s.output_dir / f"{stem}-state", state_next, s.state_identity)
 
     recent: list[float] = []
     started = time.perf_counter()

@@ -19,6 +19,54 @@ BNB = {
 }
 
 
+def wants_bitsandbytes(name: str) -> bool:
+    return name.lower() in BNB or name.startswith("bitsandbytes.")
+
+
+def quiet_bitsandbytes(optimizer_type: str) -> None:
+    """Keep bitsandbytes out of the run unless an 8-bit optimizer is asked for.
+
+    diffusers and peft import bitsandbytes whenever it is installed (for their quantizers), which
+    costs seconds and, on CPUs with AVX512-BF16, logs a "Failed to load CPU gemm_4bit_forward from
+    kernels-community" warning that then heads every later error. Without an 8-bit optimizer the
+    package is hidden (a None entry in sys.modules: find_spec says absent, import fails cleanly,
+    and diffusers' own flag is cleared); with one it is visible again and only that kernel warning
+    is silenced (the optimizers do not use the 4-bit kernels).
+    """
+    import logging
+    import sys
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import import_utils
+    except ImportError:
+        import_utils = None
+    if wants_bitsandbytes(optimizer_type):
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]  # hidden by an earlier run in this process
+            if import_utils is not None and hasattr(import_utils, "_bitsandbytes_available"):
+                import_utils._bitsandbytes_available = _HIDDEN.get("diffusers", False)
+        return
+    if "bitsandbytes" in sys.modules:
+        return  # already imported (by the caller): too late to hide, nothing to gain
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    if import_utils is not None and hasattr(import_utils, "_bitsandbytes_available"):
+        _HIDDEN.setdefault("diffusers", import_utils._bitsandbytes_available)
+        import_utils._bitsandbytes_available = False  # read by diffusers' is_bitsandbytes_available()
+
+
+_HIDDEN: dict[str, bool] = {}
+
+
+def check_optimizer_name(name: str) -> None:
+    """An unknown --optimizer_type is refused before the model loads (a dotted path is tried later)."""
+    key = name.lower()
+    if key in ("adamw", "sgdnesterov", "adafactor") or key in BNB or "." in name:
+        return
+    raise LoraxInputError(f"optimizer_type {name!r} is unknown (AdamW, AdamW8bit, SGDNesterov, Adafactor, "
+                          "... or a dotted class path)")
+
+
 def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)

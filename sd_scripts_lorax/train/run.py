@@ -16,13 +16,15 @@ import torch
 from ..errors import LoraxInputError
 from ..formats.precision import PRECISION_DTYPES, precision_dtype
 from .checkpoints import TrainState, load_state
+from .checks import check_run, run_identity, tidy_output_dir
 from .data_config import datasets_from_args
 from .dataset import BucketedDataset, load_image
 from .loop import LoopSettings, train_loop
 from .metadata import at_save, base_metadata, modelspec
 from .models import TrainModels, encode_images, load_models
 from .network_setup import create_network, import_network_module, network_kwargs, optimizer_groups
-from .optim import make_optimizer, make_scheduler, optimizer_description, warmup_steps
+from .optim import check_optimizer_name, make_optimizer, make_scheduler, optimizer_description, quiet_bitsandbytes, \
+    warmup_steps
 from .tiny_data import ensure_embedded
 
 def check_device(device: str, mixed_precision: str) -> None:
@@ -91,6 +93,14 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
         raise LoraxInputError("--output_dir is required")
     if args["network_train_unet_only"] and args["network_train_text_encoder_only"]:
         raise LoraxInputError("network_train_unet_only and network_train_text_encoder_only exclude each other")
+    check_optimizer_name(args["optimizer_type"])
+    check_run(args)  # numbers, dataset TOML, output folder, --resume state: all before the model loads
+    quiet_bitsandbytes(args["optimizer_type"])
+    if args["progress"] == "off":  # also the libraries' loading bars, so stderr holds only what matters
+        import diffusers.utils.logging as d_log
+        import transformers.utils.logging as t_log
+        d_log.disable_progress_bar()
+        t_log.disable_progress_bar()
     for key in ("pretrained_model_name_or_path", "train_data_dir"):
         if args.get(key):
             ensure_embedded(args[key])
@@ -103,6 +113,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
 
     accelerator = make_accelerator(args["device"], args["mixed_precision"], args["gradient_accumulation_steps"],
                                    args.get("logging_dir"), args.get("log_with"))
+    if accelerator.is_main_process:
+        tidy_output_dir(Path(args["output_dir"]), args.get("output_name") or "last")
     with accelerator.main_process_first():
         models = load_models(args["pretrained_model_name_or_path"], args.get("vae"), args["v2"], args["sdxl"],
                              args.get("tokenizer_cache_dir"))
@@ -217,7 +229,8 @@ def run_training(args: Mapping[str, Any]) -> dict[str, Any]:
         clip_skip=args.get("clip_skip"), max_grad_norm=args["max_grad_norm"], train_text_encoder=train_te,
         gradient_checkpointing=args["gradient_checkpointing"], num_workers=args["max_data_loader_n_workers"],
         progress=args["progress"] != "off", sample_every_n_steps=args.get("sample_every_n_steps"),
-        sample_every_n_epochs=args.get("sample_every_n_epochs"), lr_descriptions=descs)
+        sample_every_n_epochs=args.get("sample_every_n_epochs"), lr_descriptions=descs,
+        state_identity=run_identity(args))
     try:
         result = train_loop(accelerator, models, network, optimizer, lr_scheduler, data, settings, start,
                             lambda step, epoch: at_save(base_md, spec_md, step, epoch), sample_fn)
