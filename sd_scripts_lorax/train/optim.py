@@ -89,6 +89,7 @@ def make_optimizer(name: str, params: list[dict], lr: float, args: Sequence[str]
             kw.setdefault("momentum", 0.9)
             return torch.optim.SGD(params, lr=lr, nesterov=True, **kw)
         if key in BNB:
+            quiet_bitsandbytes(name)  # visible again if an earlier run in this process hid it
             import bitsandbytes.optim as bnb_optim
             if key == "sgdnesterov8bit":
                 kw.setdefault("momentum", 0.9)
