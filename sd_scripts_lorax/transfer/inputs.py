@@ -5,7 +5,6 @@ LoraxInputError line naming the file, the module and the shapes.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -15,6 +14,7 @@ import torch
 from ..errors import LoraxInputError
 from ..families import detect
 from ..lorax.factors import factors_fit
+from .matching import MATCHERS, filtered
 from ..formats.finite import all_finite
 from ..formats.precision import PRECISION_DTYPES
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..formats.lora_file import LoraFile
     from .report import TransferReport
 
-MATCH_MODES = ("name", "similarity")
+MATCH_MODES = tuple(MATCHERS)
 # the names --precision and --save_precision accept (kohya's float/fp16/bf16, and fp32): dtypes from formats.precision
 PRECISIONS = {name: PRECISION_DTYPES[name] for name in ("float", "fp32", "fp16", "bf16")}
 SAVE_PRECISIONS = PRECISIONS
@@ -78,11 +78,6 @@ def side_paths(path: str | os.PathLike | None, loras: Sequence[Path], per_input:
     if not per_input or len(loras) == 1:
         return [path] * len(loras)
     return [path.with_name(f"{path.stem}.{p.stem}{path.suffix}") for p in loras]
-
-
-def filtered(name: str, patterns: Sequence[str]) -> bool:
-    short = name[len("lora_"):] if name.startswith("lora_") else name
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
 
 
 def check_filters(lora: "LoraFile", patterns: Sequence[str]) -> None:

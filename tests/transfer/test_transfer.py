@@ -508,7 +508,7 @@ def test_bad_options_are_refused_before_any_work(tmp_path, tiny_sd1_single):
 def test_lorax_input_gives_source_bases_without_source_svd(tmp_path, tiny_sd1_single, tiny_sd1_single_derived):
     from sd_scripts_lorax.cache import svd_cache
     from sd_scripts_lorax.lorax import module_similarity
-    from sd_scripts_lorax.transfer.engine import CLAIMED_METHOD
+    from sd_scripts_lorax.transfer.sides import CLAIMED_METHOD
 
     lora = make_lora(tiny_sd1_single, tmp_path / "in.safetensors", rank=4, parts=("unet",))
     cache = tmp_path / "cache"

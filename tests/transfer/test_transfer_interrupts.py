@@ -41,16 +41,16 @@ if point == "imports":                       # transfer_lorax imports torch & co
         return real_import(name, *a, **k)
     builtins.__import__ = signalling_import
 else:
-    from sd_scripts_lorax.transfer import engine
+    from sd_scripts_lorax.transfer import engine, matching
     from sd_scripts_lorax.formats import lora_file
     if point == "modules":                   # the third module's results
-        calls, apply = [0], engine._apply
+        calls, apply = [0], matching.apply
         def _apply(outcomes):
             calls[0] += 1
             if calls[0] == 3:
                 hit()
             apply(outcomes)
-        engine._apply = _apply
+        matching.apply = _apply
     elif point == "adapter":                 # half of the adapter written to its temporary
         write = lora_file.write_lora
         def write_lora(path, *a, **k):
