@@ -1,4 +1,5 @@
 # Two commands for a fresh machine: `make test` and `make demo`.
+# `pip install -e .` alone is the core (what networks.lora_x needs, for kohya's venv); `.[test]` is everything.
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -14,11 +15,14 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[test]"
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# tests/kohya (kohya's real trainers in kohya's own venv, built once per machine under
+# ~/.cache/sd-scripts-lorax/) runs on one worker (xdist group "kohya") while the other takes the rest.
 test: setup
-	$(VPY) -m pytest -q -n 2 tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: setup
 	$(VPY) -m sd_scripts_lorax.tools.demo

@@ -264,7 +264,7 @@ _PROBE_COLUMNS = 8
 _PROBE_ITERS = 3
 
 
-def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
+def bases_from_claimed_v(w: Tensor, v_claimed: Tensor, tol: float = CLAIMED_RESIDUAL_TOL) -> Bases | None:
     """Top-r bases of `w` from a claimed top-r right subspace (a LoRA-X `down`, transposed), or None.
 
     No SVD of `w`: a Rayleigh-Ritz step on span(v_claimed) (two products with r columns and an r x r
@@ -275,7 +275,8 @@ def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
     accurate as the claim (about the storage rounding of `down`): good for similarities phi, not a
     replacement for `top_bases` where a projection needs 1e-4 (the transfer uses it only for phi).
     So the products with W run in float32 (their rounding, ~1e-6, is far below the tolerance and the
-    claim's own rounding); only the r x r problems are float64.
+    claim's own rounding); only the r x r problems are float64. `tol` replaces CLAIMED_RESIDUAL_TOL for
+    callers that accept only a float32 claim (the network module, resuming from its own file).
     """
     if w.dim() not in (2, 4) or v_claimed.dim() != 2:
         return None
@@ -288,7 +289,7 @@ def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
     if not all_finite(v) or not all_finite(w32):
         return None
     gram_v = (v.T @ v).to(torch.float64)
-    if float((gram_v - torch.eye(r, dtype=torch.float64, device=v.device)).abs().max()) > CLAIMED_RESIDUAL_TOL:
+    if float((gram_v - torch.eye(r, dtype=torch.float64, device=v.device)).abs().max()) > tol:
         return None
     # orthonormalise by Cholesky-QR: v is orthonormal to 3e-3 already, so one pass is exact to rounding
     # and costs a triangular solve instead of a Householder QR
@@ -309,7 +310,7 @@ def bases_from_claimed_v(w: Tensor, v_claimed: Tensor) -> Bases | None:
     x = v @ _test_matrix(1, r, _PROBE_COLUMNS, w32.device)[0]
     wx = w32.T @ (w32 @ x)
     resid = float(torch.linalg.norm(wx - v @ (v.T @ wx))) / math.sqrt(_PROBE_COLUMNS)
-    if resid > CLAIMED_RESIDUAL_TOL * float(torch.linalg.norm(lam)):
+    if resid > tol * float(torch.linalg.norm(lam)):
         return None
     probe = _test_matrix(1, n, _PROBE_COLUMNS, w32.device)[0]
     for _ in range(_PROBE_ITERS):

@@ -12,6 +12,7 @@ Python attribute, never registered as a submodule, so a network's state_dict hol
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol
 
 import torch
@@ -41,10 +42,17 @@ class LoraXModule(nn.Module):
     Buffers (not persistent): `down` = V^T shaped like a layer weight, (r, in) or (r, in, kh, kw);
     `u` = U, (out, r). Parameter: `d`, fp32 zeros (r,). `apply_to()` patches the base forward,
     `restore()` undoes it; `merge_to()` folds m * U diag(d) V^T into the base weight.
+
+    Deferred bases: built with `bases=None` and a `rank`, the buffers are allocated (so `.to()`,
+    accelerate and DDP see them) but not yet filled; the first use of `u` / `down` calls `resolve`
+    (the network computes every pending module's bases in one batch, or takes them from a weights
+    file), and `set_bases` fills them. kohya creates the network before it loads --network_weights,
+    so the SVDs wait until it is known whether the file already holds the bases.
     """
 
-    def __init__(self, lora_name: str, base: nn.Module, bases: BasesLike, multiplier: float = 1.0,
-                 dropout: float | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, lora_name: str, base: nn.Module, bases: BasesLike | None, multiplier: float = 1.0,
+                 dropout: float | None = None, dtype: torch.dtype | None = None, rank: int | None = None,
+                 resolve: Callable[[], None] | None = None) -> None:
         super().__init__()
         kind = type(base).__name__
         if kind not in WRAPPABLE:
@@ -52,22 +60,28 @@ class LoraXModule(nn.Module):
         if kind == "Conv2d" and base.groups != 1:
             raise ValueError(f"{lora_name}: grouped Conv2d (groups={base.groups}) is not supported")
         weight = base.weight
-        out_dim = weight.shape[0]
-        in_dim = weight[0].numel()
-        u, v = bases.u, bases.v
-        if u.ndim != 2 or v.ndim != 2 or u.shape[0] != out_dim or v.shape[0] != in_dim or u.shape[1] != v.shape[1]:
-            raise ValueError(f"{lora_name}: bases u {tuple(u.shape)} / v {tuple(v.shape)} do not fit the base "
-                             f"weight {tuple(weight.shape)}")
-        rank = u.shape[1]
+        self.lora_name = lora_name
+        self.base_weight_shape = tuple(weight.shape)
+        if bases is not None:
+            u, v = bases.u, bases.v
+            if (u.ndim != 2 or v.ndim != 2 or u.shape[0] != weight.shape[0] or v.shape[0] != weight[0].numel()
+                    or u.shape[1] != v.shape[1]):
+                raise ValueError(f"{lora_name}: bases u {tuple(u.shape)} / v {tuple(v.shape)} do not fit the base "
+                                 f"weight {tuple(weight.shape)}")
+            rank = u.shape[1]
+        elif rank is None or resolve is None:
+            raise ValueError(f"{lora_name}: deferred bases need a rank and a resolve callback")
         # The compute dtype is the base's (fp32 for training; fp16/bf16 for inference-only bases).
         if dtype is None:
             dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2 else torch.float32
-        device = weight.device if weight.device.type != "meta" else u.device
-        down = v.t().contiguous().reshape(rank, *weight.shape[1:])
-        self.register_buffer("down", down.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("u", u.contiguous().to(device=device, dtype=dtype), persistent=False)
+        device = weight.device if weight.device.type != "meta" or bases is None else bases.u.device
+        self.register_buffer("down_buf", torch.empty(rank, *weight.shape[1:], device=device, dtype=dtype), persistent=False)
+        self.register_buffer("u_buf", torch.empty(weight.shape[0], rank, device=device, dtype=dtype), persistent=False)
+        self._pending = True
+        self._resolve: list[Callable[[], None] | None] = [resolve]  # a list: not an attribute nn.Module tracks
+        if bases is not None:
+            self.set_bases(bases)
         self.d = nn.Parameter(torch.zeros(rank, dtype=torch.float32, device=device))
-        self.lora_name = lora_name
         self.rank = rank
         self.multiplier = float(multiplier)
         self.dropout = float(dropout) if dropout else 0.0
@@ -77,6 +91,46 @@ class LoraXModule(nn.Module):
         self._base: list[nn.Module] = [base]
         self._org_forward: Callable[..., torch.Tensor] | None = None
         self._had_instance_forward = False
+
+    # ------------------------------------------------------------------ bases
+
+    @torch.no_grad()
+    def set_bases(self, bases: BasesLike) -> None:
+        """Fill U and V^T (cast to the buffers' device and dtype); shapes must fit the base weight."""
+        weight = self.base_weight_shape
+        u, v = bases.u, bases.v
+        rank = self.u_buf.shape[1]
+        if (u.ndim != 2 or v.ndim != 2 or u.shape != (weight[0], rank)
+                or v.shape != (math.prod(weight[1:]), rank)):
+            raise ValueError(f"{self.lora_name}: bases u {tuple(u.shape)} / v {tuple(v.shape)} do not fit the base "
+                             f"weight {tuple(weight)} at rank {rank}")
+        self.u_buf.copy_(u)
+        self.down_buf.copy_(v.t().reshape(self.down_buf.shape))
+        self._pending = False
+
+    @property
+    def bases_pending(self) -> bool:
+        return self._pending
+
+    def _ready(self) -> None:
+        if self._pending:
+            resolve = self._resolve[0]
+            if resolve is not None:
+                resolve()
+            if self._pending:
+                raise RuntimeError(f"{self.lora_name}: bases were never computed")
+
+    @property
+    def down(self) -> torch.Tensor:
+        """V^T, (r, in) or (r, in, kh, kw) (computed on first use when deferred)."""
+        self._ready()
+        return self.down_buf
+
+    @property
+    def u(self) -> torch.Tensor:
+        """U, (out, r) (computed on first use when deferred)."""
+        self._ready()
+        return self.u_buf
 
     # ------------------------------------------------------------------ patching
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -29,7 +30,7 @@ from ..formats.finite import all_finite
 from ..lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit,
                      top_bases_batched)
 from .layer import LoraXModule
-from ..cache.svd_cache import get_many
+from .bases import check_finite, claimed_bases, compute_bases, disabled_autocast  # noqa: F401 (re-exported)
 from .targets import (TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, Target, find_targets,  # noqa: F401 (re-exported)
                       text_encoder_parts, unet_naming)
 
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_RANK = 320
 
 KNOWN_ARGS = ("conv_dim", "svd_cache_dir", "svd_device", "svd_method")
-# Bytes of fp32 weights stacked into one batched SVD call (bounds the peak memory of creation).
-_BATCH_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------- options
@@ -107,67 +106,6 @@ def parse_options(network_dim: Any, network_alpha: Any, neuron_dropout: Any,
     )
 
 
-# ---------------------------------------------------------------------------- bases
-
-
-def _svd_device(weight: torch.Tensor, svd_device: str | None) -> torch.device:
-    if svd_device is not None:
-        return torch.device(svd_device)
-    return weight.device
-
-
-def check_finite(targets: Iterable[Target]) -> None:
-    """Refuse NaN/Inf base weights (LoraxInputError naming the module and its shape)."""
-    for t in targets:
-        w = t.base.weight
-        if not all_finite(w):
-            what = "NaN" if torch.isnan(w).any() else "Inf"
-            raise LoraxInputError(f"base model: module {t.lora_name} weight {tuple(w.shape)} contains {what}")
-
-
-def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_device: str | None) -> list[Bases]:
-    """Bases of same-shaped weights, stacked into as few batched SVD calls as memory allows."""
-    per_item = 4 * weights[0].numel()
-    step = max(1, _BATCH_BYTES // per_item)
-    out: list[Bases] = []
-    for start in range(0, len(weights), step):
-        chunk = weights[start:start + step]
-        device = _svd_device(chunk[0], svd_device)
-        with torch.no_grad():
-            stack = torch.stack([w.detach().to(device, torch.float32) for w in chunk])
-            bases = top_bases_batched(stack, rank, method)
-        out.extend(bases[i].to(w.device) for i, w in enumerate(chunk))
-    return out
-
-
-def compute_bases(targets: list[Target], method: str = "auto", svd_device: str | None = None,
-                  cache_dir: str | None = None) -> dict[str, Bases]:
-    """Top-r bases per target: one SVD each, same-shaped weights batched, optional content-hash cache.
-
-    NaN/Inf weights raise LoraxInputError before their SVD. Without a cache every weight is checked
-    up front; with one only the misses are: a hit proves the weight finite, since entries are only
-    written for bases computed from checked weights (a full pass over ~1.4 GB saved on SD1.5).
-    """
-    if cache_dir is None:
-        check_finite(targets)
-    groups: dict[tuple, list[Target]] = {}
-    for t in targets:
-        w = t.base.weight
-        groups.setdefault((tuple(w.shape), w.dtype, t.rank, str(w.device)), []).append(t)
-    out: dict[str, Bases] = {}
-    for (_, _, rank, _), members in groups.items():
-        weights = [t.base.weight for t in members]
-
-        def compute_missing(missing: list[int], members=members, weights=weights, rank=rank) -> list[Bases]:
-            if cache_dir is not None:
-                check_finite(members[i] for i in missing)
-            return _batched_bases([weights[i] for i in missing], rank, method, svd_device)
-
-        found = get_many(weights, rank, cache_dir, compute_missing, method=method)
-        out.update((t.lora_name, b) for t, b in zip(members, found))
-    return out
-
-
 # ---------------------------------------------------------------------------- network
 
 
@@ -186,25 +124,54 @@ class LoraXNetwork(nn.Module):
         self.unet_loras: list[LoraXModule] = []
         self._built = False
         self._enabled = True
-        if lazy:
-            check_finite(targets)  # refuse bad weights now, not when something first needs the bases
-        else:
-            self._build()  # compute_bases checks the weights it has to decompose
+        # V^T per module from a LoRA-X weights file, tried before any SVD (see resolve_bases)
+        self._claims: dict[str, torch.Tensor] = {}
+        # `lazy` is kept for callers; the bases are always computed on first use now (resolve_bases)
+        check_finite(targets)  # refuse bad weights now, not when something first needs the bases
+        self._build()
 
     # -- construction
 
     def _build(self) -> None:
+        """The modules, with their bases deferred: the SVDs run on first use (`resolve_bases`)."""
         if self._built:
             return
-        targets = list(self._targets.values())
-        bases = compute_bases(targets, self.options.svd_method, self.options.svd_device, self.options.svd_cache_dir)
-        for t in targets:
-            mod = LoraXModule(t.lora_name, t.base, bases[t.lora_name], self.multiplier, self.options.dropout)
+        for t in self._targets.values():
+            w = t.base.weight
+            rank = min(t.rank, w.shape[0], w[0].numel())
+            mod = LoraXModule(t.lora_name, t.base, None, self.multiplier, self.options.dropout, rank=rank,
+                              resolve=self.resolve_bases)
             (self.unet_loras if t.part == "unet" else self.text_encoder_loras).append(mod)
         self._built = True
         logger.info("networks.lora_x: %d text-encoder and %d UNet modules, %d trainable numbers",
                     len(self.text_encoder_loras), len(self.unet_loras),
                     sum(m.rank for m in self.text_encoder_loras + self.unet_loras))
+
+    def resolve_bases(self, claims: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Fill the bases of every module still waiting for them (modules apply_to left out never are).
+
+        kohya calls create_network before it loads --network_weights, so nothing is computed until
+        something needs the bases: load_weights (a LoRA-X file saved in float32 from this base holds
+        them already: its V^T is checked and taken, no SVD), prepare_grad_etc, or a first forward.
+        `claims`: V^T per module name (r, in) / (r, in, kh, kw), tried before computing.
+        """
+        pending = [m for m in self.all_loras() if m.bases_pending]
+        if not pending:
+            self._claims = {}
+            return
+        claims = {**self._claims, **(claims or {})}
+        t0 = time.perf_counter()
+        with torch.no_grad(), disabled_autocast():
+            got = claimed_bases([self._targets[m.lora_name] for m in pending], claims) if claims else {}
+            rest = [self._targets[m.lora_name] for m in pending if m.lora_name not in got]
+            computed = compute_bases(rest, self.options.svd_method, self.options.svd_device,
+                                     self.options.svd_cache_dir) if rest else {}
+            for m in pending:
+                m.set_bases(got.get(m.lora_name) or computed[m.lora_name])
+        self._claims = {}
+        logger.info("networks.lora_x: bases of %d modules in %.1f s (%d from the weights file, %d computed%s)",
+                    len(pending), time.perf_counter() - t0, len(got), len(rest),
+                    ", cached in " + self.options.svd_cache_dir if self.options.svd_cache_dir and rest else "")
 
     def all_loras(self) -> list[LoraXModule]:
         """Every module built, applied or not."""
@@ -241,6 +208,7 @@ class LoraXNetwork(nn.Module):
         return [m for m in self.children() if isinstance(m, LoraXModule)]
 
     def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.resolve_bases()  # before the loop, not inside the first step's autocast and checkpointing
         self.requires_grad_(True)
 
     def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
@@ -357,10 +325,12 @@ class LoraXNetwork(nn.Module):
         # modules of a part that apply_to left out (e.g. --network_train_unet_only) are skipped, as kohya does
         skipped = sorted(n for n in modules if n in self._not_applied)
         modules = {n: lm for n, lm in modules.items() if n not in self._not_applied}
+        lorax = is_lorax(lf)
+        self.resolve_bases({n: lm.down for n, lm in modules.items()} if lorax else None)
         ds = self._projections(str(file), modules)
         mine = self._by_name()
         info: dict[str, Any] = {"loaded": len(ds), "skipped": skipped, "missing": sorted(set(mine) - set(ds)),
-                                "lorax": is_lorax(lf)}
+                                "lorax": lorax}
         info.update(self._energy_report(str(file), modules, ds, info["lorax"]))
         with torch.no_grad():
             for name, d in ds.items():
@@ -464,11 +434,13 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     `for_inference=True` (kohya's --base_weights) skips the SVDs until something needs them:
     `merge_to` with the file's weights does not.
     """
-    from ..formats.lora_file import read_lora
+    from ..formats.lora_file import is_lorax, read_lora
+    lf = None
     if weights_sd is None:
         if file is None:
             raise LoraxInputError("create_network_from_weights: neither a file nor weights_sd was given")
-        modules = read_lora(file).modules
+        lf = read_lora(file)
+        modules = lf.modules
         weights_sd = state_dict_of(modules.values())
     else:
         modules = modules_from_state_dict(weights_sd, str(file or "weights_sd"))
@@ -481,4 +453,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         raise LoraxInputError(f"{file or 'weights_sd'}: {len(unknown)} module(s) do not fit this model: "
                               f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
     network = LoraXNetwork(targets, options, multiplier, lazy=for_inference)
+    if lf is not None and is_lorax(lf):
+        # the file holds this base's bases: the first use takes them instead of an SVD (checked)
+        network._claims = {name: lm.down for name, lm in network._canonical(modules).items()}
     return network, dict(weights_sd)

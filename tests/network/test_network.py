@@ -251,6 +251,8 @@ def test_svd_cache_and_optimizer_groups(tmp_path) -> None:
     te = [models.text_encoders[0]]
     cache = tmp_path / "cache"
     a = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache), svd_device="cpu")
+    assert not cache.exists() or not any(cache.iterdir()), "bases are computed on first use, not at creation"
+    a.prepare_grad_etc(te, models.unet)  # kohya calls this once before its loop
     assert any(cache.iterdir())
     b = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))
     for x, y in zip(a.all_loras(), b.all_loras()):
@@ -352,13 +354,14 @@ def test_sdxl_diffusers_style_names_and_unet_only(tmp_path) -> None:
 
 
 def test_nan_weights_refused_with_warm_cache_and_lazily(tmp_path) -> None:
-    """A warm cache skips the finite check of hits only: a changed (NaN) weight is a miss and refused."""
+    """A changed (Inf) weight is refused at creation, warm cache or not, and nothing is cached for it."""
     models = _models("sd1")
     te = models.text_encoders[0]
     cache = tmp_path / "cache"
-    create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))
+    create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache)).resolve_bases()
     entries = sorted(p.name for p in cache.iterdir())
-    net = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))  # all hits
+    net = create_network(1.0, 4, None, None, te, models.unet, svd_cache_dir=str(cache))
+    net.resolve_bases()  # all hits
     assert sorted(p.name for p in cache.iterdir()) == entries and net.all_loras()
     path = tmp_path / "x.safetensors"
     net.save_weights(path)
