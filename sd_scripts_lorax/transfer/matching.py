@@ -53,7 +53,7 @@ def run_name_match(jobs: list[Job], eng: Engine, filters: Sequence[str], progres
         # source bases only for a phi not yet known, or a plain input's energy share
         need_bs = any(j.plain for j in users) or any(eng.phi.get(k) is None for k in keys.values())
         bs = eng.source_bases(s, rank, claimed) if need_bs else None
-        bt = eng.target_bases(t, rank)
+        bt = eng.target_bases(t, rank, claimed)  # warm-started from the source's V where that pays
         return [project(eng, j, name, name, shape, similarity(eng, keys[ranks[j.path]], bs, bt, ranks[j.path]),
                          bt, bs) for j in users]
 

@@ -8,6 +8,7 @@ are cached under their own method tag so that they never stand in for exact base
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..cache.phi_cache import FloatBook
 from ..cache.tensor_index import TensorIndex, content_key
 from ..lorax import Bases, top_bases
 from ..lorax.bases import bases_from_claimed_v
+from ..lorax.warm_bases import CACHE_METHOD as WARM_METHOD, bases_warm_or_exact, warm_start_pays
 
 if TYPE_CHECKING:
     from ..families.naming import ModuleRef
@@ -94,8 +96,22 @@ class Engine:
             svd_cache.store(side.content, rank, b, self.cache_dir, method)
         return b.to(self.device)
 
-    def target_bases(self, side: Side, rank: int) -> Bases:
-        return self.bases(side, rank, "auto", lambda w: top_bases(w, rank))
+    def target_bases(self, side: Side, rank: int, start_v: torch.Tensor | None = None) -> Bases:
+        """Target bases, exact; warm-started from a LoRA-X input's V (`warm_bases`) where that pays.
+
+        Warm bases pass a certificate of the exact method's tolerances but are not its bits, so they
+        get their own cache tag: an "auto" entry (exact) is used first, never replaced, and never
+        made of warm bases; a warm entry serves later warm runs whatever LoRA-X file started it.
+        """
+        if start_v is None or not warm_start_pays(side.shape[0], math.prod(side.shape[1:]), rank):
+            return self.bases(side, rank, "auto", lambda w: top_bases(w, rank))
+        for method in ("auto", WARM_METHOD):
+            b = svd_cache.lookup(side.content, side.shape, rank, self.cache_dir, method)
+            if b is not None:
+                return b.to(self.device)
+        b, warm = bases_warm_or_exact(side.tensor().to(self.device), rank, start_v.to(self.device))
+        svd_cache.store(side.content, rank, b, self.cache_dir, WARM_METHOD if warm else "auto")
+        return b.to(self.device)
 
     def source_bases(self, side: Side, rank: int, claimed_v: torch.Tensor | None) -> Bases:
         """Source bases: from a LoRA-X file's own `down` when it passes the checks of
