@@ -8,6 +8,7 @@ Entry points catch it, print `error: <message>` to stderr and exit with code 2.
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,9 +28,18 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn LoraxInputError into one line on stderr and exit code 2."""
+    """Turn LoraxInputError into one line on stderr and exit code 2; warnings meanwhile are one
+    `warning:` line each (not Python's two, the second being the source line that warned)."""
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = one_line
     try:
         yield
     except LoraxInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    finally:
+        warnings.showwarning = shown

@@ -4,6 +4,7 @@ no arbitrary code runs; a refusal or a broken file is one line naming the file."
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,8 @@ def load_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         raise LoraxInputError(
-            f"{path}: refused: this pickle needs arbitrary Python objects to load "
-            f"(torch.load weights_only=True: {first_line(exc)}); convert it to .safetensors") from None
+            f"{path}: refused: this pickle holds Python objects beyond tensors ({unpickler_reason(exc)}); "
+            f"loading it would run code from the file: convert it to .safetensors with a tool you trust") from None
     except Exception as exc:  # torch raises many types for truncated/corrupt zips and pickles
         raise LoraxInputError(f"{path}: not a readable {what} ({first_line(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -40,3 +41,14 @@ def load_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
         raise LoraxInputError(f"{path}: not a state dict (top-level object is {type(obj).__name__})")
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
+
+def unpickler_reason(exc: BaseException) -> str:
+    """The specific part of torch's weights_only refusal (which global was refused), without its
+    advice to re-run with weights_only=False and without terminal escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            reason = line[len("WeightsUnpickler error:"):].strip()
+            return reason.split(". Please use", 1)[0].rstrip(".")[:160]
+    return first_line(exc)

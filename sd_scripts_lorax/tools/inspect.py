@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,33 @@ def inspect_path(path: str | os.PathLike, base: str | os.PathLike | None = None,
 
 def is_lora_file(path: Path) -> bool:
     """A safetensors file with kohya `lora_down`/`lora_up` keys (header only; validates the file)."""
-    if path.is_dir() or path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+    if path.is_dir():
         return False
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+        return _pickle_has_lora_keys(path)
     header = read_header(path)
     return any(".lora_down." in k or ".lora_up." in k for k in header.tensors)
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+def _pickle_has_lora_keys(path: Path) -> bool:
+    """A torch-saved LoRA (kohya writes .pt/.ckpt LoRAs too), told from a checkpoint by its key names
+    without unpickling: the names sit in the pickle itself (a zip archive's data.pkl; a legacy
+    file's first part, before the tensor bytes), so no tensor is read here."""
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+            f.seek(0)
+            data = b"" if is_zip else f.read(8 << 20)
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                data = z.read(pkl[0]) if pkl else b""
+    except (OSError, zipfile.BadZipFile):
+        return False  # the checkpoint reader says what is wrong with the file
+    return b".lora_down." in data or b".lora_up." in data
 
 
 def checkpoint_report(path: Path, with_hashes: bool = True) -> dict[str, Any]:
