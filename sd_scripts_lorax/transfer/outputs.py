@@ -17,8 +17,11 @@ an output that is an input or lies inside an input folder (also through a symlin
 usual `check_writable` (a folder, exists without --overwrite, folder missing or read-only).
 
 What a SIGKILL can leave: temporaries (``.<name>.<pid>-<random>.tmp<suffix>``, removed by the next
-run that writes that name, see `atomic.sweep_stale`) and, only if it lands between two renames
-(microseconds), the earlier outputs complete and the later ones absent; never a partial file under
+run that writes that name, see `atomic.sweep_stale`) and, if it lands between two renames
+(microseconds), the earlier outputs complete and the later ones absent. Each output then has a
+``.<name>.<pid>-renaming.tmp`` mark beside it, made just before the renames and removed after them:
+a mark of a dead process says the file belongs to a set that was never finished, so the next run
+replaces it without --overwrite instead of stopping at "output exists". Never a partial file under
 a final name.
 """
 
@@ -30,7 +33,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import LoraxInputError
-from ..formats.atomic import check_writable, sweep_stale, temp_path
+from ..formats.atomic import check_writable, stale_temps, sweep_stale, temp_path
+
+RENAMING = "renaming"  # the mark's tag (see the module docstring)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -39,6 +44,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+def _mark(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{RENAMING}.tmp")
+
+
+def left_by_unfinished_set(path: Path) -> bool:
+    """`path` was renamed into place by a run killed before it renamed the rest of its outputs."""
+    return any(p.name.endswith(f"-{RENAMING}.tmp") for p in stale_temps(path))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -81,7 +95,7 @@ class OutputSet:
             if _same_file(path, out):
                 both = what if what == out_what else f"{out_what} and {what}"
                 raise LoraxInputError(f"{path}: {both} name the same file ({out}); give each output its own path")
-        check_writable(path, self.overwrite)
+        check_writable(path, self.overwrite or (path.is_file() and left_by_unfinished_set(path)))
         self._outputs.append((path, what))
         return path
 
@@ -123,15 +137,26 @@ class OutputSet:
             raise LoraxInputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     def _commit(self) -> None:
-        done: list[Path] = []
+        """Rename every staged file into place. The marks of renamed outputs stay when this is cut
+        short (an error, Ctrl-C, a kill): once this process is gone they let the next run replace
+        those outputs (see `left_by_unfinished_set`)."""
+        marks: list[Path] = []
+        done = 0
         try:
+            if len(self._staged) > 1:  # a single output is renamed in one step: nothing can be half done
+                for _, final in self._staged:
+                    marks.append(_mark(final))
+                    marks[-1].touch()
             for tmp, final in self._staged:
                 os.replace(tmp, final)
-                done.append(final)
+                done += 1
         except OSError as exc:
-            failed = final  # noqa: F821 - bound by the loop before any os.replace can fail
-            raise LoraxInputError(f"{failed}: cannot write ({exc.strerror or exc}); "
-                                  f"{len(done)} of {len(self._staged)} outputs were already in place") from None
+            for m in marks[done:]:
+                m.unlink(missing_ok=True)
+            raise LoraxInputError(f"{self._staged[done][1]}: cannot write ({exc.strerror or exc}); "
+                                  f"{done} of {len(self._staged)} outputs were already in place") from None
+        for m in marks:
+            m.unlink(missing_ok=True)
         self._staged = []
 
     def _discard(self) -> None:

@@ -64,6 +64,14 @@ else:
             open(path, "w").write('{"modules": [')
             hit()
         engine.write_json = write_json
+    elif point == "rename":                  # the adapter renamed into place, the report not yet
+        from pathlib import Path
+        real_replace = os.replace
+        def replace(src, dst, *a, **k):
+            real_replace(src, dst, *a, **k)
+            if ".tmp" not in Path(dst).name:     # a final name, not a temporary's
+                hit()
+        os.replace = replace
 import transfer_lorax
 sys.exit(transfer_lorax.main())
 """
@@ -115,3 +123,24 @@ def test_sigkill_leaves_no_final_file_and_blocks_no_later_run(tmp_path, inputs):
     assert res.returncode == 0, res.stderr
     assert names(out) == ["o.safetensors", "r.json"]  # the killed runs' temporaries are gone
     assert read_lora(o).modules and json.loads(r.read_text())["summary"]["modules"] == 6
+
+
+def test_sigkill_between_the_renames_blocks_no_later_run(tmp_path, inputs):
+    out = tmp_path / "out"
+    out.mkdir()
+    o, r = out / "o.safetensors", out / "r.json"
+    res = run("rename", "SIGKILL", *inputs, "--save_to", o, "--report", r)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    left = names(out)
+    # the adapter is complete under its name; the report is still a temporary; both carry a mark
+    assert "o.safetensors" in left and "r.json" not in left, left
+    assert sum(n.endswith("-renaming.tmp") for n in left) == 2, left
+    assert read_lora(o).modules
+    before = o.read_bytes()
+    res = run("none", "SIGINT", *inputs, "--save_to", o, "--report", r)  # no --overwrite
+    assert res.returncode == 0, res.stderr
+    assert names(out) == ["o.safetensors", "r.json"]
+    assert o.read_bytes() == before and json.loads(r.read_text())["summary"]["modules"] == 6
+    # a finished set is protected again
+    res = run("none", "SIGINT", *inputs, "--save_to", o, "--report", r)
+    assert res.returncode == 2 and "output exists" in res.stderr
