@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+from .registry import FAMILIES
+
 SD1_OR_SD2 = "sd1/sd2"
 EMA_PREFIX = "model_ema."
 
@@ -17,9 +18,6 @@ EMA_PREFIX = "model_ema."
 _SDXL_NAMES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
                "lora_unet_output_blocks_")
 _SD12_NAMES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
-# kohya metadata values, checked in this order
-_VERSIONS = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
-_ARCHITECTURES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 # text width (CLIP q_proj input, UNet cross-attention to_k input) -> family; 2048 is SDXL's
 _WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -74,11 +72,11 @@ def lora_family(down_shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[st
     """
     names = list(down_shapes)
     sdxl_names = any(n.startswith(_SDXL_NAMES) for n in names)
-    for key, table in (("ss_base_model_version", _VERSIONS), ("modelspec.architecture", _ARCHITECTURES)):
+    for key in ("ss_base_model_version", "modelspec.architecture"):
         value = metadata.get(key, "")
-        for prefix, fam in table:
-            if value.startswith(prefix) and (fam == "sdxl" or not sdxl_names):
-                return fam, key
+        for fam in FAMILIES.values():
+            if value.startswith(fam.metadata_prefixes) and (fam.sai_unet_names or not sdxl_names):
+                return fam.name, key
     if sdxl_names:
         return "sdxl", "names"
     widths = [s[1] for n, s in down_shapes.items()

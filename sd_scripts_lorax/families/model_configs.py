@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+from . import registry
+
+FAMILIES = tuple(registry.FAMILIES)
 SIZES = ("tiny", "full")
 
 # ---------------------------------------------------------------- UNet
@@ -102,7 +104,6 @@ _VAE = {
 }
 
 # kohya's latent scaling factors (SD1/2 and SDXL VAEs)
-VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 TEXT_MAX_LENGTH = 77
 
 
@@ -128,7 +129,7 @@ def text_encoder_configs(family: str, size: str = "tiny", vocab_size: int | None
 def vae_config(family: str, size: str = "tiny") -> dict[str, Any]:
     _check(family, size)
     cfg = copy.deepcopy(_VAE[size])
-    cfg["scaling_factor"] = VAE_SCALING[family]
+    cfg["scaling_factor"] = registry.FAMILIES[family].vae_scaling
     if family == "sdxl" and size == "full":
         cfg["sample_size"] = 1024
     return cfg

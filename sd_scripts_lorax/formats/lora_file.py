@@ -24,6 +24,7 @@ from ..errors import LoraxInputError, first_line
 from . import pickles, safetensors_io
 from .atomic import atomic_write, check_writable
 from .finite import all_finite
+from ..families import registry
 from .hashing import KohyaHasher, precalculate_safetensors_hashes, ss_only
 from .safetensors_header import encode, input_error, parse
 
@@ -290,30 +291,6 @@ def is_lorax(lora_file: LoraFile | Mapping[str, str]) -> bool:
     return "lorax.format_version" in md or md.get("ss_network_module") == NETWORK_MODULE
 
 
-_BASE_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2", False): "sd_v2",
-                 ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
-_ARCHITECTURE = {("sd1", False): "stable-diffusion-v1/lora", ("sd1", True): "stable-diffusion-v1/lora",
-                 ("sd2", False): "stable-diffusion-v2-512/lora", ("sd2", True): "stable-diffusion-v2-768-v/lora",
-                 ("sdxl", False): "stable-diffusion-xl-v1-base/lora",
-                 ("sdxl", True): "stable-diffusion-xl-v1-base/lora"}
-_IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
-
-
-def base_model_version(family: str, v_parameterization: bool = False) -> str:
-    """kohya's ss_base_model_version: sd_v1, sd_v1_v, sd_v2, sd_v2_v, sdxl_base_v1-0."""
-    return _BASE_VERSION[(family, bool(v_parameterization))]
-
-
-def modelspec_architecture(family: str, v_parameterization: bool = False) -> str:
-    """modelspec.architecture of a LoRA for this base (SD2 v-prediction is the 768-v model)."""
-    return _ARCHITECTURE[(family, bool(v_parameterization))]
-
-
-def modelspec_implementation(family: str) -> str:
-    """modelspec.implementation as kohya writes it for LoRAs: diffusers (SD1/2) or SAI's repo (SDXL)."""
-    return _IMPLEMENTATION[family]
-
-
 def _one_or_dynamic(values: Sequence[str]) -> str:
     return values[0] if len(set(values)) == 1 else "Dynamic"
 
@@ -326,8 +303,7 @@ def minimum_kohya_metadata(family: str, network_module: str, dims: Iterable[int]
     `dims`/`alphas` are per module; a single distinct value is written as is, several as "Dynamic".
     `date` defaults to now (ISO 8601, seconds).
     """
-    if family not in _IMPLEMENTATION:
-        raise ValueError(f"unknown family {family!r}; expected sd1, sd2 or sdxl")
+    fam = registry.family(family)  # ValueError for an unknown family
     dim_s = [str(int(d)) for d in dims]
     alpha_s = [str(float(a)) for a in alphas]
     if not dim_s or not alpha_s:
@@ -335,14 +311,14 @@ def minimum_kohya_metadata(family: str, network_module: str, dims: Iterable[int]
     v = bool(v_parameterization)
     return {
         "ss_v2": str(family == "sd2"),
-        "ss_base_model_version": base_model_version(family, v),
+        "ss_base_model_version": fam.metadata_version(v),
         "ss_network_module": network_module,
         "ss_network_dim": _one_or_dynamic(dim_s),
         "ss_network_alpha": _one_or_dynamic(alpha_s),
         "ss_v_parameterization": str(v),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": modelspec_architecture(family, v),
-        "modelspec.implementation": modelspec_implementation(family),
+        "modelspec.architecture": fam.metadata_architecture(v),
+        "modelspec.implementation": fam.implementation,
         "modelspec.title": title,
         "modelspec.date": date or datetime.datetime.now().replace(microsecond=0).isoformat(),
     }

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..formats.lora_file import base_model_version, modelspec_architecture, modelspec_implementation
+from ..families import registry
 
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
@@ -41,7 +41,7 @@ def _git_commit() -> str:
 def base_metadata(args: Mapping[str, Any], family: str, run: Mapping[str, Any]) -> dict[str, str]:
     """Everything known before training; `run` holds counts and derived values (steps, images, ...)."""
     v_param = bool(args.get("v_parameterization"))
-    base_version = base_model_version(family, v_param)
+    base_version = registry.family(family).metadata_version(v_param)
     model_path = Path(args["pretrained_model_name_or_path"])
     md: dict[str, Any] = {
         "ss_session_id": random.randint(0, 2**32),
@@ -106,8 +106,8 @@ def modelspec(args: Mapping[str, Any], family: str, resolution: tuple[int, int])
     title = args.get("output_name") or f"LoRA@{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
     md = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": modelspec_architecture(family, v_param),
-        "modelspec.implementation": modelspec_implementation(family),
+        "modelspec.architecture": registry.family(family).metadata_architecture(v_param),
+        "modelspec.implementation": registry.family(family).implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LoraxInputError
 from ..families import detect
-from ..families.model_configs import VAE_SCALING
+from ..families.registry import FAMILIES
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainModels:
 
     @property
     def latent_scale(self) -> float:
-        return VAE_SCALING[self.family]
+        return FAMILIES[self.family].vae_scaling
 
 
 def detect_family_of_folder(folder: Path) -> str:
@@ -78,14 +78,6 @@ def _load_folder(folder: Path) -> tuple[Any, list, list, Any]:
     return unet, tes, toks, vae
 
 
-# The tokenizers kohya uses for single-file checkpoints (facts: hub ids, subfolders, SDXL TE2's "!" pad).
-TOKENIZER_IDS = {
-    "sd1": [("openai/clip-vit-large-patch14", None, None)],
-    "sd2": [("stabilityai/stable-diffusion-2", "tokenizer", None)],
-    "sdxl": [("openai/clip-vit-large-patch14", None, None), ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None, "!")],
-}
-
-
 def full_size_tokenizers(family: str, cache_dir: str | None) -> list:
     """Real CLIP tokenizers for a full-size single file, from kohya's --tokenizer_cache_dir layout
     (`<dir>/<hub id with / -> _>/`) or the local Hugging Face cache (never downloaded: training must not
@@ -93,7 +85,7 @@ def full_size_tokenizers(family: str, cache_dir: str | None) -> list:
     from transformers import CLIPTokenizer
 
     toks = []
-    for hub_id, sub, pad in TOKENIZER_IDS[family]:
+    for hub_id, sub, pad in FAMILIES[family].tokenizers:
         local = Path(cache_dir) / hub_id.replace("/", "_") if cache_dir else None
         try:
             if local is not None and local.is_dir():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraxInputError
+from ..families import registry
 from ..formats.precision import PRECISION_DTYPES, precision_dtype
 from .checkpoints import TrainState, load_state
 from .checks import check_run, run_identity, tidy_output_dir
@@ -35,7 +36,7 @@ def check_device(device: str, mixed_precision: str) -> None:
 
 
 def default_resolution(family: str, v_param: bool) -> int:
-    return 1024 if family == "sdxl" else 768 if (family == "sd2" and v_param) else 512
+    return registry.family(family).default_resolution(v_param)
 
 
 def make_accelerator(device: str, mixed_precision: str, grad_accum: int, logging_dir: str | None,
