@@ -3,7 +3,8 @@
     python transfer_lorax.py --lora style.safetensors --source_model sd15.safetensors \\
         --target_model realistic_vision/ --save_to style_rv.safetensors --report report.json
 
-All the work is in sd_scripts_lorax.transfer.engine.transfer(); this file only parses arguments.
+All the work is in the library (`--method` picks an entry of sd_scripts_lorax.transfer.methods.METHODS:
+project = engine.transfer(), distill = distill.run.distill_transfer()); this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fnmatch globs on kohya module names never transferred, e.g. 'lora_te_*' '*attn2*'")
     p.add_argument("--match", choices=["name", "similarity"], default="name",
                    help="pair modules by name (default) or by subspace similarity (distilled targets)")
+    from sd_scripts_lorax.transfer.methods import METHODS, add_distill_arguments
+
+    p.add_argument("--method", choices=list(METHODS), default="project",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (default project)")
     p.add_argument("--report", default=None, metavar="REPORT.json", help="write the per-module report as JSON")
     p.add_argument("--plot", default=None, metavar="PLOT.png", help="write a per-block similarity heat map")
     p.add_argument("--dry_run", action="store_true", help="compute and report only; write no adapter")
@@ -42,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svd_cache_dir", default=None, help="folder caching the bases between runs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_distill_arguments(p)
     return p
 
 
@@ -55,14 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from sd_scripts_lorax.errors import cli_errors
-        from sd_scripts_lorax.transfer.engine import print_tables, transfer
+        from sd_scripts_lorax.transfer import methods
+        from sd_scripts_lorax.transfer.engine import print_tables
 
         with cli_errors():
-            reports = transfer(
-                args.lora, args.source_model, args.target_model, args.save_to, threshold=args.threshold,
-                filter_blocks=args.filter_blocks, match=args.match, device=args.device, precision=args.precision,
-                save_precision=args.save_precision, svd_cache_dir=args.svd_cache_dir, overwrite=args.overwrite,
-                dry_run=args.dry_run, report_path=args.report, plot_path=args.plot, progress=not args.no_progress)
+            reports = methods.run(args)  # --method's entry in the registry (project: engine.transfer)
             print_tables(reports)
             for rep in reports:
                 if rep.output:

@@ -1,5 +1,6 @@
-"""`--method distill`: the projection refined by data-free function matching (see `run`)."""
+"""`--method distill`: the projection refined by data-free function matching.
 
-from .run import DistillOptions, DistillReport, distill_transfer
-
-__all__ = ["DistillOptions", "DistillReport", "distill_transfer"]
+options (DistillOptions, no torch), prompts (from ss_tag_frequency or a file), models (loading,
+the teacher's merge), teacher (synthetic sets and their cache), adapter (the trained LoRA-X modules
+as hooks), fit (the objective and the optimiser), run (distill_transfer: the whole method).
+"""

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import LoraxInputError
+from .options import PARAM_MODES
 
-PARAM_MODES = ("d", "core")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Prompts for a data-free distillation, from a LoRA file's `ss_tag_frequency` or a prompt file.
 
 kohya records, per image folder, how often each comma-separated caption tag occurred. Tags that
-occur in at least half of a folder's captions are that folder's trigger (e.g. "bluefire style");
+occur in more than half of a folder's captions are that folder's trigger (e.g. "bluefire style");
 the others are content ("a red circle on a sky background"). Two prompt sets come out of it:
 
 - adapter prompts: trigger + one content tag, the captions the adapter was trained on (where the
@@ -9,8 +9,8 @@ the others are content ("a red circle on a sky background"). Two prompt sets com
 - identity prompts: the content tags alone, without the trigger. Off the adapter's prompts the
   target should keep behaving like the target (a fine-tune's own look), not like the source.
 
-A prompt file is read the same way: its lines are the adapter prompts, and the tags found in at
-least half of them are taken as the trigger. No I/O beyond reading that one text file.
+A prompt file is read the same way: its lines are the adapter prompts, and the tags found in more
+than half of them are taken as the trigger. No I/O beyond reading that one text file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 from ...errors import LoraxInputError
 
-TRIGGER_SHARE = 0.5   # a tag in at least this share of a folder's captions is part of its trigger
+TRIGGER_SHARE = 0.5   # a tag in more than this share of a folder's captions is part of its trigger
 MAX_PROMPTS = 64      # enough to cover a style's concepts; the teacher samples cycle through them
 
 
@@ -46,8 +46,8 @@ def _from_frequencies(folders: Mapping[str, Mapping[str, int]]) -> tuple[list[st
         if not counts:
             continue
         top = max(counts.values())
-        trigger = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= TRIGGER_SHARE * top]
-        content = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c < TRIGGER_SHARE * top]
+        trigger = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c > TRIGGER_SHARE * top]
+        content = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c <= TRIGGER_SHARE * top]
         head = ", ".join(trigger)
         adapter.append(head)
         adapter += [f"{head}, {c}" for c in content]
@@ -89,7 +89,7 @@ def from_lines(lines: Sequence[str], origin: str) -> PromptSets | None:
     if not prompts:
         return None
     counts = Counter(t for p in prompts for t in dict.fromkeys(_split(p)))
-    trigger = {t for t, c in counts.items() if c >= TRIGGER_SHARE * len(prompts)} if len(prompts) > 1 else set()
+    trigger = {t for t, c in counts.items() if c > TRIGGER_SHARE * len(prompts)} if len(prompts) > 1 else set()
     identity = [", ".join(t for t in _split(p) if t not in trigger) for p in prompts]
     return PromptSets(_dedupe(prompts, MAX_PROMPTS), _dedupe(identity, MAX_PROMPTS), origin)
 

@@ -29,43 +29,11 @@ import torch
 from ...errors import LoraxInputError
 from ...formats.atomic import atomic_write, check_writable
 from . import models as dmodels
-from .adapter import PARAM_MODES, Adapter
+from .adapter import Adapter
+from .options import DistillOptions
 from .fit import FitConfig, fit, mse, predict, relative
 from .prompts import PromptSets, resolve
 from .teacher import MatchSet, SetSpec, build_set, cache_key, load_cached, store
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """The distillation's settings; the defaults need no tuning (see README)."""
-
-    steps: int = 300
-    lr: float = 5e-3
-    batch_size: int = 8
-    seed: int = 0
-    samples: int = 64          # teacher latents
-    draws: int = 4             # noised copies of each latent
-    sample_steps: int = 20     # DDIM steps of the teacher's sampler
-    guidance: float = 4.0
-    keep_weight: float = 1.0   # weight of the identity term (0: match the teacher only)
-    keep_samples: int = 32     # target latents for the identity prompts
-    params: str = "d"          # "d": r numbers per module; "core": the r x r core
-    prompts_file: str | None = None
-
-    def check(self) -> None:
-        ints = {"--steps": self.steps, "--batch_size": self.batch_size, "--distill_samples": self.samples,
-                "--distill_draws": self.draws, "--distill_sample_steps": self.sample_steps}
-        for flag, v in ints.items():
-            if not isinstance(v, int) or v < 1:
-                raise LoraxInputError(f"{flag} must be a positive integer, got {v!r}")
-        if not isinstance(self.keep_samples, int) or self.keep_samples < 0:
-            raise LoraxInputError(f"--keep_samples must be >= 0, got {self.keep_samples!r}")
-        for flag, v in {"--lr": self.lr, "--guidance": self.guidance, "--keep_weight": self.keep_weight}.items():
-            if not math.isfinite(float(v)) or float(v) < 0 or (flag == "--lr" and float(v) == 0):
-                raise LoraxInputError(f"{flag} must be a finite {'positive' if flag == '--lr' else 'non-negative'} "
-                                      f"number, got {v!r}")
-        if self.params not in PARAM_MODES:
-            raise LoraxInputError(f"--distill_params must be one of {', '.join(PARAM_MODES)}, got {self.params!r}")
 
 
 @dataclass

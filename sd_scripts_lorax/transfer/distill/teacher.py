@@ -55,10 +55,13 @@ class MatchSet:
         return int(self.t.shape[0])
 
     def split(self, every: int = 8) -> tuple["MatchSet", "MatchSet"]:
-        """(train, held-out): every `every`-th latent (and all its items) is held out."""
+        """(train, held-out): every `every`-th latent (and all its items) is held out, at least one."""
+        n = int(self.group.max()) + 1 if len(self) else 0
+        if n < 2:  # nothing to hold out: the held-out figures are then in-sample
+            return self, self
         held = (self.group % every) == (every - 1)
-        if not bool(held.any()) or bool(held.all()):
-            return self, self.subset(held)
+        if not bool(held.any()):  # fewer than `every` latents: hold out the last one
+            held = self.group == (n - 1)
         return self.subset(~held), self.subset(held)
 
     def subset(self, mask: torch.Tensor) -> "MatchSet":
