@@ -206,3 +206,27 @@ def test_nothing_passed_names_the_reasons(capsys, tmp_path, pair):
                    tmp_path / "o.safetensors", "--threshold", "1", words=[lora, "below threshold", "threshold 1.0"])
     assert "no module was transferred" in line
     assert snapshot(tmp_path) == {}
+
+
+def test_save_to_under_a_file(capsys, tmp_path, pair):
+    (tmp_path / "f").write_text("mine")
+    refused(capsys, *base_args(pair, tmp_path / "f" / "o.safetensors"),
+            words=[tmp_path / "f" / "o.safetensors", f"output folder {tmp_path / 'f'} is a file"])
+    assert snapshot(tmp_path) == {str(tmp_path / "f"): b"mine"}
+
+
+def test_legacy_pickle_lora_warns_in_one_line(capsys, tmp_path, pair):
+    """A torch-saved LoRA (legacy pickle, no metadata) transfers; the plain-LoRA warning is one line."""
+    lora, src, tgt = pair
+    sd = {}
+    for name, m in read_lora(lora).modules.items():
+        sd.update({f"{name}.lora_down.weight": m.down, f"{name}.lora_up.weight": m.up,
+                   f"{name}.alpha": torch.tensor(float(m.alpha))})
+    legacy = tmp_path / "style.pt"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    out = tmp_path / "o.safetensors"
+    code, err, _ = run(capsys, "--lora", legacy, "--source_model", src, "--target_model", tgt, "--save_to", out,
+                       "--threshold", "0")
+    assert code == 0
+    assert len(err) == 1 and err[0].startswith(f"warning: {legacy}: not a LoRA-X adapter"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors", "style.pt"]
