@@ -13,8 +13,13 @@ Pairs (source = the committed embedded SOURCE in every case):
 Per pair and seed, every variant is evaluated on the held-out style images with fixed noise and
 timesteps (sd_scripts_lorax.tools.evaluate): no adapter; LoRA-X copied as is; LoRA-X transferred; LoRA-X
 trained on the target (reference); a plain LoRA (lycoris algo=lora, preset unet-transformer-only, same rank) copied and transferred
-(Table 2); the source d copied into the target's bases without projection (Table 5). Then a threshold
-sweep and a rank sweep. Writes results.md, results.json and PNG plots into --out.
+(Table 2); the source d copied into the target's bases without projection (Table 5); LoRA-X
+transferred with `--method distill` (data-free function matching); and LoRA-X copied at its best
+single multiplier, an ORACLE that picks the multiplier by the held-out metric itself. A second held-out
+set of the target's own domain (its fine-tune distribution, captions without the style trigger)
+gives each variant's side effect: its loss there minus the target's without adapter. Wall times of
+each method are recorded. Then a threshold sweep and a rank sweep (--no_sweeps skips them). Writes
+results.md, results.json and PNG plots into --out (results.json also after every pair and seed).
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ from sd_scripts_lorax.tools.demo import float32_copy, load_folder_images, write_
 CACHE = REPO / ".cache" / "reproduce"
 V_NONE, V_COPY, V_TRANSFER, V_REF = "no adapter", "LoRA-X copied", "LoRA-X transferred", "LoRA-X trained on target"
 V_PLAIN_COPY, V_PLAIN_TRANSFER, V_D_COPY = "plain LoRA copied", "plain LoRA transferred", "d copied into target bases"
-VARIANTS = (V_NONE, V_COPY, V_TRANSFER, V_REF, V_PLAIN_COPY, V_PLAIN_TRANSFER, V_D_COPY)
+V_DISTILL, V_ORACLE = "LoRA-X distilled (--method distill)", "LoRA-X copied at best multiplier (ORACLE)"
+VARIANTS = (V_NONE, V_COPY, V_TRANSFER, V_REF, V_PLAIN_COPY, V_PLAIN_TRANSFER, V_D_COPY, V_DISTILL, V_ORACLE)
+ORACLE_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+# the target's own domain: what each target was fine-tuned (or distilled) on
+OWN_DOMAIN = {"distilled": "base"}  # every other pair: "shifted"
+SIDE_EFFECT_TOLERANCE = 0.1  # distill's side effect may exceed the reference's by 10 % of it
 
 
 @dataclass
@@ -62,11 +72,14 @@ class Plan:
     eval_repeats: int = 4
     finetune_steps: int = 150
     distill_steps: int = 300
+    transfer_distill_steps: int | None = None  # --method distill steps (None: its default)
+    own_images: int = 48
+    sweeps: bool = True
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(pairs=("embedded",), seeds=(0,), steps=8, thresholds=(0.0, 0.8), ranks=(4, 8),
-                   eval_per_concept=1, eval_repeats=1)
+                   eval_per_concept=1, eval_repeats=1, transfer_distill_steps=4, own_images=8)
 
 
 FINETUNE_LR = {"ft-weak": 2e-4, "ft-medium": 1e-3, "ft-strong": 4e-3}
@@ -220,6 +233,22 @@ def transfer_adapter(lora: Path, source: Path, target: Path, dest: Path, thresho
     return dest, len(rep.kept), len(rep.modules)
 
 
+def distilled_adapter(lora: Path, source: Path, target: Path, dest: Path, match: str, plan: Plan, seed: int
+                      ) -> tuple[Path, dict]:
+    """`--method distill` in-process (its defaults, the run's seed); returns (file, its distill figures)."""
+    from sd_scripts_lorax.transfer.distill.options import DistillOptions
+    from sd_scripts_lorax.transfer.distill.run import distill_transfer
+
+    opts = DistillOptions(seed=seed)
+    if plan.transfer_distill_steps is not None:
+        opts = DistillOptions(seed=seed, steps=plan.transfer_distill_steps, samples=8, keep_samples=4,
+                              sample_steps=4)
+    _, d = distill_transfer(lora, source, target, dest, opts, match=match, overwrite=True, progress=False,
+                            svd_cache_dir=CACHE / "svd", log=lambda s: None)
+    return dest, {"match_error_before": d.match_error_before, "match_error_after": d.match_error_after,
+                  "match_error_copy": d.match_error_copy, "seconds": d.seconds}
+
+
 def d_copied_adapter(lora: Path, source: Path, target: Path, dest: Path) -> Path:
     """Table 5: the source's singular-value shifts d put into the target's own bases, no projection:
     up = U_t diag(d_s), down = V_t^T (modules paired by name)."""
@@ -252,22 +281,50 @@ class Evaluator:
 
     eval_dir: Path
     repeats: int
+    own_images: int = 48
     data: evaluate.EvalSet | None = None
     preds: dict = field(default_factory=dict)
+    own: dict = field(default_factory=dict)        # domain -> EvalSet of the target's own domain
+    own_preds: dict = field(default_factory=dict)
 
-    def pred(self, model: Path, lora: Path | None) -> torch.Tensor:
-        key = (str(model), str(lora))
+    def pred(self, model: Path, lora: Path | None, multiplier: float = 1.0) -> torch.Tensor:
+        key = (str(model), str(lora), multiplier)
         if key not in self.preds:
-            v = evaluate.load_variant(model, lora)
+            v = evaluate.load_variant(model, lora, multiplier)
             if self.data is None:
                 images, captions = load_folder_images(self.eval_dir)
                 self.data = evaluate.make_eval_set(v.vae, images, captions, seed=0, repeats=self.repeats)
             self.preds[key] = evaluate.noise_predictions(v, self.data)
         return self.preds[key]
 
-    def rows(self, model: Path, loras: dict[str, Path | None]) -> dict[str, evaluate.Row]:
-        preds = {k: self.pred(model, v) for k, v in loras.items()}
-        return {r.name: r for r in evaluate.compare(preds, self.data, V_NONE, V_REF)}
+    def own_loss(self, model: Path, lora: Path | None, domain: str, multiplier: float = 1.0) -> float:
+        """The denoising loss on held-out images of `domain` with captions without the style trigger."""
+        from sd_scripts_lorax.testing.embedded import pretrain
+
+        key = (str(model), str(lora), domain, multiplier)
+        if key not in self.own_preds:
+            v = evaluate.load_variant(model, lora, multiplier)
+            if domain not in self.own:
+                x, caps = pretrain.make_images(domain, self.own_images, seed=977)
+                self.own[domain] = evaluate.make_eval_set(v.vae, x, caps, seed=1, repeats=self.repeats)
+            self.own_preds[key] = evaluate.denoising_loss(evaluate.noise_predictions(v, self.own[domain]),
+                                                          self.own[domain])
+        return self.own_preds[key]
+
+    def rows(self, model: Path, loras: dict[str, Path | None], domain: str | None = None,
+             multipliers: dict[str, float] | None = None) -> dict[str, evaluate.Row]:
+        mult = multipliers or {}
+        preds = {k: self.pred(model, v, mult.get(k, 1.0)) for k, v in loras.items()}
+        rows = {r.name: r for r in evaluate.compare(preds, self.data, V_NONE, V_REF)}
+        if domain is not None:
+            base = self.own_loss(model, None, domain)
+            for k, v in loras.items():
+                rows[k].side_effect = self.own_loss(model, v, domain, mult.get(k, 1.0)) - base
+        return rows
+
+    def best_multiplier(self, model: Path, lora: Path) -> float:
+        """The ORACLE: the multiplier with the lowest held-out style loss (it peeks at the test set)."""
+        return min(ORACLE_MULTIPLIERS, key=lambda m: evaluate.denoising_loss(self.pred(model, lora, m), self.data))
 
 
 # ---------------------------------------------------------------- the study
@@ -294,8 +351,10 @@ def run(out: Path, plan: Plan) -> dict:
             targets[pair] = (distilled_target(source, plan.distill_steps), "similarity")
         else:
             raise SystemExit(f"unknown pair {pair!r}")
-    ev = Evaluator(eval_dir, plan.eval_repeats)
+    ev = Evaluator(eval_dir, plan.eval_repeats, plan.own_images)
     main: dict[str, dict[str, list[dict]]] = {p: {v: [] for v in VARIANTS} for p in plan.pairs}
+    times: dict[str, dict[str, list[float]]] = {p: {} for p in plan.pairs}
+    distill_info: dict[str, list[dict]] = {p: [] for p in plan.pairs}
     sweep: dict[str, dict[float, list[dict]]] = {p: {th: [] for th in plan.thresholds} for p in plan.pairs}
     for seed in plan.seeds:
         sd = work / f"seed{seed}"
@@ -305,19 +364,35 @@ def run(out: Path, plan: Plan) -> dict:
         for pair, (target, match) in targets.items():
             pd = sd / pair
             log(f"[{time.perf_counter() - t0:.0f} s] seed {seed}, pair {pair}")
+            tick = time.perf_counter()
             ref = train_adapter(target, data, pd, "target_lorax", plan, seed, plan.rank)
+            times[pair].setdefault("train on target (reference)", []).append(time.perf_counter() - tick)
+            tick = time.perf_counter()
+            transferred = transfer_adapter(src_x, source, target, pd / "transferred.safetensors", 0.8, match)[0]
+            times[pair].setdefault("transfer --method project", []).append(time.perf_counter() - tick)
+            tick = time.perf_counter()
+            distilled, info = distilled_adapter(src_x, source, target, pd / "distilled.safetensors", match, plan, seed)
+            times[pair].setdefault("transfer --method distill", []).append(time.perf_counter() - tick)
+            distill_info[pair].append(info)
             loras: dict[str, Path | None] = {
-                V_NONE: None, V_REF: ref,
-                V_TRANSFER: transfer_adapter(src_x, source, target, pd / "transferred.safetensors", 0.8, match)[0],
+                V_NONE: None, V_REF: ref, V_TRANSFER: transferred, V_DISTILL: distilled,
                 V_PLAIN_TRANSFER: transfer_adapter(src_plain, source, target, pd / "plain_transferred.safetensors",
                                                    0.8, match)[0]}
+            mult: dict[str, float] = {}
             if match == "name":  # copying as is / d needs the same module names and shapes
                 loras[V_COPY] = src_x
                 loras[V_PLAIN_COPY] = src_plain
                 loras[V_D_COPY] = d_copied_adapter(src_x, source, target, pd / "d_copied.safetensors")
-            rows = ev.rows(target, loras)
+                loras[V_ORACLE] = src_x
+                mult[V_ORACLE] = ev.best_multiplier(target, src_x)
+            rows = ev.rows(target, loras, OWN_DOMAIN.get(pair, "shifted"), mult)
             for name, row in rows.items():
-                main[pair][name].append(asdict(row))
+                main[pair][name].append({**asdict(row), "side_effect": row.side_effect,
+                                         **({"multiplier": mult[name]} if name in mult else {})})
+            partial = {"plan": asdict(plan), "main": main, "times": times, "distill": distill_info}
+            write_text(out / "results.json", json.dumps(partial, indent=2) + "\n")
+            if not plan.sweeps:
+                continue
             for th in plan.thresholds:
                 f, kept, total = transfer_adapter(src_x, source, target, pd / f"th{th}.safetensors", th, match)
                 r = ev.rows(target, {V_NONE: None, V_REF: ref, "x": f})["x"]
@@ -325,7 +400,7 @@ def run(out: Path, plan: Plan) -> dict:
     ranks: dict[int, dict[str, list[dict]]] = {}
     pair0, (target0, match0) = plan.pairs[0], targets[plan.pairs[0]]
     seed0 = plan.seeds[0]
-    for r in plan.ranks:
+    for r in plan.ranks if plan.sweeps else ():
         log(f"[{time.perf_counter() - t0:.0f} s] rank sweep r={r} on {pair0}, seed {seed0}")
         # the main rank reuses the main run's adapters
         rd = work / f"seed{seed0}" if r == plan.rank else work / f"seed{seed0}" / f"rank{r}"
@@ -336,7 +411,7 @@ def run(out: Path, plan: Plan) -> dict:
         if match0 == "name":
             loras[V_COPY] = src_r
         ranks[r] = {k: asdict(v) for k, v in ev.rows(target0, loras).items()}
-    result = {"plan": asdict(plan), "main": main, "sweep": {p: {str(k): v for k, v in s.items()} for p, s in sweep.items()},
+    result = {"plan": asdict(plan), "main": main, "times": times, "distill": distill_info, "sweep": {p: {str(k): v for k, v in s.items()} for p, s in sweep.items()},
               "ranks": {str(k): v for k, v in ranks.items()}, "seconds": round(time.perf_counter() - t0, 1),
               "targets": {p: str(t) for p, (t, _) in targets.items()}}
     write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
@@ -373,15 +448,23 @@ def markdown(res: dict) -> str:
     seeds = len(res["plan"]["seeds"])
     lines = [f"# LoRA-X transfer study (tiny models; {seeds} seed(s), mean ± sample std over seeds)", "",
              "## Main table", "",
-             "| pair | variant | held-out style loss | improvement recovered | cosine vs reference change | relative MSE of change |",
-             "|---|---|---:|---:|---:|---:|"]
+             "Side effect: loss on held-out images of the target's own domain (captions without the style "
+             "trigger) minus the target's without adapter; lower is better. The ORACLE row picks its multiplier "
+             "by the held-out style loss itself (not a method a user can run).", "",
+             "| pair | variant | held-out style loss | improvement recovered | cosine vs reference change | "
+             "relative MSE of change | side effect on target's own domain |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for pair, variants in res["main"].items():
         for name, rows in variants.items():
             if not rows:
                 continue
-            lines.append(f"| {pair} | {name} | {_ms([r['loss'] for r in rows], _f5)} | "
+            label = name
+            if rows[0].get("multiplier") is not None:
+                label += " x" + "/".join(f"{r['multiplier']:g}" for r in rows)
+            side = [r["side_effect"] for r in rows if r.get("side_effect") is not None]
+            lines.append(f"| {pair} | {label} | {_ms([r['loss'] for r in rows], _f5)} | "
                          f"{_ms([r['share'] for r in rows], _pct)} | {_ms([r['cosine'] for r in rows], _f3)} | "
-                         f"{_ms([r['rel_mse'] for r in rows], _f3)} |")
+                         f"{_ms([r['rel_mse'] for r in rows], _f3)} | {_ms(side, _f5) if side else 'n/a'} |")
     lines += ["", "## Goal check (transferred LoRA-X, means over seeds)", "",
               "| pair | improvement recovered | >= 90 % | beats LoRA-X copied (lower loss) |", "|---|---:|---|---|"]
     for pair, variants in res["main"].items():
@@ -391,11 +474,51 @@ def markdown(res: dict) -> str:
         share = statistics.mean(tr)
         beats = "n/a (no copy: renamed blocks)" if not cp else ("yes" if statistics.mean(tl) < statistics.mean(cp) else "no")
         lines.append(f"| {pair} | {_pct(share)} | {'yes' if share >= 0.9 else 'no'} | {beats} |")
+    lines += ["", "## Goal check (--method distill; mean ± std over seeds)", "",
+              f"Bars: >= 90 % recovered; beats copy and the oracle multiplier by more than the spread (the larger "
+              f"std); side effect <= the reference's + {SIDE_EFFECT_TOLERANCE:.0%} of it.", "",
+              "| pair | recovered | >= 90 % | margin over copy | margin over oracle | side effect (distill / reference) "
+              "| side effect ok |", "|---|---:|---|---:|---:|---:|---|"]
+    for pair, variants in res["main"].items():
+        ds = [r["share"] for r in variants.get(V_DISTILL, [])]
+        if not ds:
+            continue
+
+        def margin(other: str) -> str:
+            os_ = [r["share"] for r in variants.get(other, [])]
+            if not os_:
+                return "n/a (no copy: renamed blocks)"
+            diff = statistics.mean(ds) - statistics.mean(os_)
+            spread = max(statistics.stdev(ds) if len(ds) > 1 else 0.0, statistics.stdev(os_) if len(os_) > 1 else 0.0)
+            return f"{100 * diff:+.1f} pts ({'yes' if diff > spread else 'no'}, spread {100 * spread:.1f})"
+
+        sd = statistics.mean(r["side_effect"] for r in variants[V_DISTILL])
+        sr = statistics.mean(r["side_effect"] for r in variants[V_REF])
+        ok = sd <= sr + SIDE_EFFECT_TOLERANCE * abs(sr)
+        lines.append(f"| {pair} | {_ms(ds, _pct)} | {'yes' if statistics.mean(ds) >= 0.9 else 'no'} | "
+                     f"{margin(V_COPY)} | {margin(V_ORACLE)} | {sd:.5f} / {sr:.5f} | {'yes' if ok else 'no'} |")
+    lines += ["", "## Data-free match error of --method distill (held-out synthetic set; no adapter = 1)", "",
+              "| pair | copy | projection (Eq. 3) | distill |", "|---|---:|---:|---:|"]
+    for pair, infos in res.get("distill", {}).items():
+        if infos:
+            cp = [i["match_error_copy"] for i in infos if i.get("match_error_copy") is not None]
+            lines.append(f"| {pair} | {_ms(cp, _f3) if cp else 'n/a'} | "
+                         f"{_ms([i['match_error_before'] for i in infos], _f3)} | "
+                         f"{_ms([i['match_error_after'] for i in infos], _f3)} |")
+    lines += ["", "## Wall time per method (seconds, this machine, as run)", "",
+              "| pair | method | seconds | ratio to training on the target |", "|---|---|---:|---:|"]
+    for pair, methods in res.get("times", {}).items():
+        ref_t = methods.get("train on target (reference)")
+        for m, ts in methods.items():
+            ratio = statistics.mean(ts) / statistics.mean(ref_t) if ref_t else math.nan
+            lines.append(f"| {pair} | {m} | {_ms(ts, lambda x: f'{x:.1f}')} | {ratio:.2f} |")
     lines += ["", "## Threshold sweep (LoRA-X transferred)", "",
               "| pair | threshold | modules kept | improvement recovered | cosine vs reference change |",
               "|---|---:|---:|---:|---:|"]
     for pair, ths in res["sweep"].items():
         for th, rows in ths.items():
+            if not rows:  # --no_sweeps
+                continue
             lines.append(f"| {pair} | {float(th):g} | {rows[0]['kept']}/{rows[0]['total']} | "
                          f"{_ms([r['share'] for r in rows], _pct)} | {_ms([r['cosine'] for r in rows], _f3)} |")
     lines += ["", f"## Rank sweep ({res['plan']['pairs'][0]}, seed {res['plan']['seeds'][0]})", "",
@@ -441,8 +564,10 @@ def plots(res: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for p, ths in res["sweep"].items():
-        xs = [float(t) for t in ths]
-        ax.plot(xs, [statistics.mean(r["share"] for r in rows) for rows in ths.values()], marker="o", label=p)
+        done = {t: rows for t, rows in ths.items() if rows}  # empty with --no_sweeps
+        if done:
+            ax.plot([float(t) for t in done], [statistics.mean(r["share"] for r in rows) for rows in done.values()],
+                    marker="o", label=p)
     ax.set_xlabel("similarity threshold")
     ax.set_ylabel("share of improvement recovered")
     ax.legend(fontsize=7)
@@ -467,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--pairs", nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--no_sweeps", action="store_true", help="skip the threshold and rank sweeps")
     args = p.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     if args.seeds:
@@ -475,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.pairs = tuple(args.pairs)
     if args.steps:
         plan.steps = args.steps
+    if args.no_sweeps:
+        plan.sweeps = False
     from transformers.utils import logging as tlog
 
     tlog.disable_progress_bar()

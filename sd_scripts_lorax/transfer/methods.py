@@ -60,8 +60,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep_samples", type=int, default=None,
                    help=f"target latents for those prompts (default {d.keep_samples})")
     g.add_argument("--distill_params", choices=["d", "core"], default=None,
-                   help="what is trained per module: d (r numbers, the default) or core (the r x r core of "
-                        "the target's LoRA-X)")
+                   help=f"what is trained per module: core (the r x r core C of the target's LoRA-X "
+                        f"U_t C V_t^T) or d (r shifts of its diagonal) (default {d.params})")
 
 
 def _run_project(args: argparse.Namespace) -> list:

@@ -28,7 +28,7 @@ from sd_scripts_lorax.transfer.distill.run import distill_transfer, loss_plot_pa
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TAGS = {"10_style": {"zq style": 6, "a red circle": 2, "a blue square": 2, "a tree": 2}}
-FAST = DistillOptions(steps=4, batch_size=4, samples=4, draws=1, sample_steps=2, keep_samples=2)
+FAST = DistillOptions(steps=4, batch_size=4, samples=4, draws=1, sample_steps=2, keep_samples=2, keep_weight=1.0)
 
 
 def lorax_file(ckpt: Path, out: Path, tags: dict | None = TAGS, seed: int = 0, only: int = 12) -> Path:
@@ -200,7 +200,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 FAST_FLAGS = ["--steps", "3", "--batch_size", "4", "--distill_samples", "4", "--distill_draws", "1",
-              "--distill_sample_steps", "2", "--keep_samples", "2"]
+              "--distill_sample_steps", "2", "--keep_samples", "2", "--keep_weight", "1"]
 
 
 def refused(res, *words):

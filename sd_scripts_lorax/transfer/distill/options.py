@@ -14,7 +14,7 @@ PARAM_MODES = ("d", "core")
 class DistillOptions:
     """The distillation's settings; the defaults need no tuning (see README)."""
 
-    steps: int = 300
+    steps: int = 400
     lr: float = 5e-3
     batch_size: int = 8
     seed: int = 0
@@ -22,9 +22,14 @@ class DistillOptions:
     draws: int = 4             # noised copies of each latent
     sample_steps: int = 20     # DDIM steps of the teacher's sampler
     guidance: float = 4.0
-    keep_weight: float = 1.0   # weight of the identity term (0: match the teacher only)
+    # weight of the identity term (0: match the teacher only). Off by default: on the embedded pair
+    # matching alone already changed the target's own domain less than an adapter trained on the target
+    # (side effect 0.011 vs 0.017) while the term cost 3-9 points of the recovered gain (README)
+    keep_weight: float = 0.0
     keep_samples: int = 32     # target latents for the identity prompts
-    params: str = "d"          # "d": r numbers per module; "core": the r x r core
+    # "core": the r x r core of U_t core V_t^T (Eq. 3's own form); "d": r shifts on its diagonal.
+    # core recovered 87.8 % of the trained-on-target gain on the embedded pair against d's 84.6 %
+    params: str = "core"
     prompts_file: str | None = None
 
     def check(self) -> None:
