@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..testing.tiny_tokenizer import vocab_size as tiny_vocab_size
 from . import registry
 
 FAMILIES = tuple(registry.FAMILIES)
@@ -116,7 +117,6 @@ def text_encoder_configs(family: str, size: str = "tiny", vocab_size: int | None
     """CLIPTextConfig kwargs; tiny models default to the vocabulary of `tiny_tokenizer`."""
     _check(family, size)
     if vocab_size is None:
-        from ..testing.tiny_tokenizer import vocab_size as tiny_vocab_size
         vocab_size = 49408 if size == "full" else tiny_vocab_size()
     out = []
     for cfg in _TEXT[(family, size)]:

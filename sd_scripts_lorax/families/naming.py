@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from ..errors import LoraxInputError
+
 PARTS = ("unet", "te", "te1", "te2")
 FAMILIES = ("sd1", "sd2", "sdxl")
 LAYOUTS = ("single_file", "diffusers")
@@ -347,7 +349,6 @@ def index_modules(shapes: Mapping[str, tuple[int, ...]], family: str, layout: st
     `shapes` maps the checkpoint's keys (see docs/architecture.md) to tensor shapes. Names come
     from flattening these keys; EMA copies, the VAE, embeddings, norms and biases are ignored.
     """
-    from ..errors import LoraxInputError
 
     prefixes = _te_prefixes(family, layout)
     out: dict[str, ModuleRef] = {}

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
+from safetensors import SafetensorError, safe_open
+
 from ..errors import LoraxInputError, first_line
 from ..families import detect
 from ..families.detect import EMA_PREFIX
+from ..families.naming import index_modules
 from .hashing import FileHashes, hash_files
 from .pickles import SUFFIXES as PICKLE_SUFFIXES
 from .pickles import load_state_dict
@@ -130,7 +133,6 @@ class Checkpoint:
     def modules(self) -> dict[str, "ModuleRef"]:
         """Every kohya-targetable module of this checkpoint (EMA weights are never used)."""
         if self._modules is None:
-            from ..families.naming import index_modules
 
             shapes = {k: e.shape for k, e in self._entries.items() if not k.startswith(EMA_PREFIX)}
             self._modules = index_modules(shapes, self.family, self.layout)
@@ -166,7 +168,6 @@ class Checkpoint:
             raise LoraxInputError(f"{self.path}: no tensor named {key}") from None
 
     def _handle(self, file: Path) -> Any:
-        from safetensors import safe_open
 
         if file not in self._handles:
             self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
@@ -178,7 +179,6 @@ class Checkpoint:
 
 def _validated_entries(file: Path, prefix: str = "") -> dict[str, _Entry]:
     """Entries of one safetensors file (keys prefixed), after our header checks and safetensors' own."""
-    from safetensors import SafetensorError, safe_open
 
     header = read_header(file)
     try:

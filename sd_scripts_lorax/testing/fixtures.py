@@ -17,17 +17,19 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from ..errors import LoraxInputError, cli_errors
 from ..families import ldm_convert
+from ..families.model_configs import build_models, text_encoder_configs
 from ..formats.atomic import atomic_write, check_writable
 from ..formats.precision import precision_dtype
 from ..formats.safetensors_io import UnsupportedError, torch_dtype, write_stream
-from ..errors import LoraxInputError, cli_errors
-from .fixture_math import SPECTRA, drift_tensor, init_tensor
-from ..families.model_configs import build_models, text_encoder_configs
+from .fixture_math import SPECTRA, drift_tensor, init_tensor, key_generator
+from .tiny_tokenizer import write_tokenizer
 
 CLI_FAMILIES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # what --dtype accepts (formats.precision holds their dtypes)
@@ -147,7 +149,6 @@ def _plan_dtype(step: ldm_convert.Step, dtypes: dict[str, torch.dtype]) -> torch
 def _ema_value(t: torch.Tensor, key: str, seed: int) -> torch.Tensor:
     if not t.is_floating_point():
         return t
-    from .fixture_math import key_generator
     return t + torch.randn(t.shape, generator=key_generator(seed, key, "ema")) * 1e-3
 
 
@@ -175,7 +176,6 @@ def _write_diffusers(folder: Path, family: str, size: str, comps: dict, shapes: 
                      dt: torch.dtype, produce: Callable[[str], torch.Tensor], meta: dict[str, str]) -> None:
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    from .tiny_tokenizer import write_tokenizer
 
     for c, mod in comps.items():
         sub = folder / c
@@ -260,7 +260,6 @@ def derive_fixture(src: str | os.PathLike, out: str | os.PathLike, drift: float,
 
 
 def _derive_file(src: Path, dest: Path, drift: float, seed: int, keep_text_encoder: bool, key_prefix: str) -> None:
-    from safetensors import SafetensorError, safe_open
 
     try:
         f = safe_open(str(src), framework="pt")

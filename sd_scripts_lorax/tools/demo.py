@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,9 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import LoraxInputError, cli_errors
+from ..formats.atomic import atomic_write
+from ..testing.embedded import embedded_model_path, eval_prompts, write_style_dataset
+from . import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -109,7 +114,6 @@ def float32_copy(src: Path, dst: Path) -> Path:
     The committed pair is fp16; the trainer loads the text encoder in the stored dtype under
     transformers 5 (and the UNet in float32), which fails on CPU. A float32 working copy sidesteps it.
     """
-    import shutil
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -158,7 +162,6 @@ def transfer_cli(lora: Path, source: Path, target: Path, save_to: Path, report: 
 
 def load_folder_images(folder: Path) -> tuple[torch.Tensor, list[str]]:
     """Every `<name>.png` + `<name>.txt` of a kohya subfolder, sorted: images in [-1, 1], captions."""
-    import numpy as np
     from PIL import Image
 
     pngs = sorted(folder.glob("*.png"))
@@ -172,7 +175,6 @@ def load_folder_images(folder: Path) -> tuple[torch.Tensor, list[str]]:
 def evaluate_variants(model: Path, loras: dict[str, Path | None], eval_dir: Path, repeats: int, seed: int,
                       none: str = NONE, reference: str = REFERENCE) -> list:
     """Rows of `evaluate.compare` for `model` with each adapter (None = no adapter)."""
-    from . import evaluate
 
     images, captions = load_folder_images(eval_dir)
     base = evaluate.load_variant(model)
@@ -203,7 +205,6 @@ def sample_images(model: Path, lora: Path | None, prompts: Sequence[str], seed: 
     """One 64x64 PIL image per prompt, each from the same seeded initial noise for every variant."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from . import evaluate
 
     v = evaluate.load_variant(model, lora)
     pipe = StableDiffusionPipeline(vae=v.vae, text_encoder=v.text_encoder, tokenizer=v.tokenizer, unet=v.unet,
@@ -251,7 +252,6 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def grid_prompts(n_seen: int, n_unseen: int) -> list[tuple[str, bool]]:
     """The first `n_seen` seen and `n_unseen` unseen evaluation prompts."""
-    from ..testing.embedded import eval_prompts
 
     prompts = eval_prompts()
     return [p for p in prompts if p[1]][:n_seen] + [p for p in prompts if not p[1]][:n_unseen]
@@ -271,8 +271,6 @@ def _quiet_loaders() -> None:
 
 def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=print) -> dict:
     """Run every step into `out`; returns the paths and the table rows (also in `out/results.json`)."""
-    from ..formats.atomic import atomic_write
-    from ..testing.embedded import embedded_model_path, write_style_dataset
 
     _quiet_loaders()
     plan = plan or DemoPlan()
@@ -335,7 +333,6 @@ def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=p
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
-    from ..formats.atomic import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

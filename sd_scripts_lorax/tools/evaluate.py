@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..network.lorax_network import create_network_from_weights
+
 
 @dataclass
 class Variant:
@@ -38,7 +40,6 @@ def load_variant(model_dir: str | Path, lora: str | Path | None = None, multipli
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..network.lorax_network import create_network_from_weights
 
     model_dir = Path(model_dir)
     # float32 whatever the folder stores: transformers 5 would otherwise keep an fp16 text encoder

@@ -35,8 +35,12 @@ import torch
 
 from ..cache.model_hashes import ModelHashes
 from ..cache.phi_cache import load_norm_book, load_phi_book
+from ..cache.svd_cache import prepare_dir
 from ..cache.tensor_index import TensorIndex, stat_key
 from ..errors import LoraxInputError
+from ..formats import lora_file
+from ..formats.checkpoint import Checkpoint
+from ..formats.lora_file import is_lorax, read_lora, write_lora
 from .inputs import (MATCH_MODES, PRECISIONS, SAVE_PRECISIONS, check_checkpoints, check_filters,
                      check_lora_against_source, check_options, nothing_passed, output_paths, side_paths)
 from .matching import MATCHERS
@@ -58,7 +62,6 @@ __all__ = ["transfer", "print_tables", "TransferReport", "ModuleResult", "MATCH_
 
 def _output_metadata(job: Job, src: "Checkpoint", tgt: "Checkpoint", threshold: float,
                      hashes: tuple["FileHashes", "FileHashes"]) -> dict[str, str]:
-    from ..formats import lora_file
 
     meta = dict(job.lora.metadata)
     s_hash, t_hash = hashes
@@ -125,8 +128,6 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
     Returns one TransferReport per input, in order. Raises LoraxInputError on bad input, before
     anything is written.
     """
-    from ..formats.checkpoint import Checkpoint
-    from ..formats.lora_file import is_lorax, read_lora
 
     paths = [Path(loras)] if isinstance(loras, (str, os.PathLike)) else [Path(p) for p in loras]
     if not paths:
@@ -178,7 +179,6 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
 
         cache_dir = None
         if svd_cache_dir is not None:
-            from ..cache.svd_cache import prepare_dir
 
             cache_dir = prepare_dir(svd_cache_dir)
         # the metadata's model hashes (seconds for GB files, unless remembered) overlap the module work;
@@ -215,7 +215,6 @@ def _write_outputs(outputs: OutputSet, jobs: Sequence[Job], outs: Sequence[Path 
                    reports: Sequence[TransferReport], report_path: str | os.PathLike | None,
                    plot_paths: Sequence[Path | None], save_precision: str | None) -> None:
     """Adapters, report and plots as one unit: all to temporaries, then all renamed (outputs.py)."""
-    from ..formats.lora_file import write_lora
 
     with outputs.writing():
         for j, o in zip(jobs, outs):
