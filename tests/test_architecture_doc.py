@@ -49,3 +49,16 @@ def test_the_parser_reads_nested_folders():
     listed = listed_paths()
     assert {"lorax/bases.py", "transfer/distill/fit.py", "testing/embedded/render.py", "testing/kohya/env.py",
             "train/buckets.py", "demo.py"} <= listed
+
+
+def test_references_point_inside_the_repo():
+    """Docs and code cite docs/design.md and docs/kohya-contract.md, never files outside the repo."""
+    outside = re.compile(r"DESIGN\.md|kohya-interfaces\.md|lorax-paper\.md|issue notes")
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".toml") and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    hits = [h for h in hits if not h.startswith("tests/test_architecture_doc.py")]
+    assert not hits, f"references to files outside the repo: {hits}"
+    for cited in ("docs/design.md", "docs/kohya-contract.md"):
+        assert (REPO / cited).is_file()

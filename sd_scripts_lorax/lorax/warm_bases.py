@@ -1,4 +1,4 @@
-"""Top-r bases of a weight warm-started from a related weight's right subspace (DESIGN.md section 2).
+"""Top-r bases of a weight warm-started from a related weight's right subspace (docs/design.md §2).
 
 A transfer's target is a relative of its source, and a LoRA-X input carries the source's V (its
 `lora_down` rows). `warm_top_bases(w, rank, v_start)` runs a block subspace iteration on W^T W from

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = [pytest.mark.kohya, pytest.mark.xdist_group("kohya")]
 
-# modules (Linear/1x1 + text encoders) without conv_dim, as counted in kohya-interfaces.md section 2.3
+# modules (Linear/1x1 + text encoders) without conv_dim, as counted in docs/kohya-contract.md §2
 MODULES = {("sd1", "none"): 192 + 72, ("sdxl", "none"): 722 + 264}
 UNET_CLASS = {"sd1": "UNet2DConditionModel", "sdxl": "SdxlUNet2DConditionModel"}
 
