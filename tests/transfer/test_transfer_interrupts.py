@@ -58,7 +58,7 @@ else:
             data = open(path, "rb").read()
             open(path, "wb").write(data[: len(data) // 2])
             hit()
-        lora_file.write_lora = write_lora
+        lora_file.write_lora = engine.write_lora = write_lora   # engine may hold its own name for it
     elif point == "report":                  # the adapter staged, the report half written
         def write_json(reports, path):
             open(path, "w").write('{"modules": [')
