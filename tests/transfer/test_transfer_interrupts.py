@@ -42,7 +42,6 @@ if point == "imports":                       # transfer_lorax imports torch & co
     builtins.__import__ = signalling_import
 else:
     from sd_scripts_lorax.transfer import engine, matching
-    from sd_scripts_lorax.formats import lora_file
     if point == "modules":                   # the third module's results
         calls, apply = [0], matching.apply
         def _apply(outcomes):
@@ -51,19 +50,23 @@ else:
                 hit()
             apply(outcomes)
         matching.apply = _apply
-    elif point == "adapter":                 # half of the adapter written to its temporary
-        write = lora_file.write_lora
-        def write_lora(path, *a, **k):
-            write(path, *a, **k)
-            data = open(path, "rb").read()
-            open(path, "wb").write(data[: len(data) // 2])
-            hit()
-        lora_file.write_lora = engine.write_lora = write_lora   # engine may hold its own name for it
-    elif point == "report":                  # the adapter staged, the report half written
-        def write_json(reports, path):
-            open(path, "w").write('{"modules": [')
-            hit()
-        engine.write_json = write_json
+    elif point in ("adapter", "report"):    # through OutputSet.stage, whatever the engine calls it with
+        from sd_scripts_lorax.transfer import outputs
+        stage = outputs.OutputSet.stage
+        def staged(self, path, write):
+            def cut(tmp):
+                if point == "adapter" and str(path).endswith(".safetensors"):
+                    write(tmp)                   # half of the adapter in its temporary, then the signal
+                    data = open(tmp, "rb").read()
+                    open(tmp, "wb").write(data[: len(data) // 2])
+                    hit()
+                elif point == "report" and str(path).endswith(".json"):
+                    open(tmp, "w").write('{"modules": [')   # the adapter staged, the report half written
+                    hit()
+                else:
+                    write(tmp)
+            return stage(self, path, cut)
+        outputs.OutputSet.stage = staged
     elif point == "rename":                  # the adapter renamed into place, the report not yet
         from pathlib import Path
         real_replace = os.replace
