@@ -28,11 +28,16 @@ def save_weights_atomic(network: torch.nn.Module, path: Path, dtype: torch.dtype
                         metadata: dict[str, str]) -> Path:
     """network.save_weights into a temporary file with the same extension, then rename: a crash
     (or Ctrl-C) never leaves a half-written file under the final name. Replacing a file that is
-    already there (an earlier run's, as kohya does) is said in one line."""
+    already there (an earlier run's, as kohya does) is said in one line; a failed write (a disk
+    that filled up during training) is one error line, the earlier files intact."""
     if path.exists():
         print(f"note: replacing {path} (it was there before this save)", file=sys.stderr)
-    with atomic_write(path) as tmp:
-        network.save_weights(str(tmp), dtype, metadata)
+    try:
+        with atomic_write(path) as tmp:
+            network.save_weights(str(tmp), dtype, metadata)
+    except OSError as exc:
+        raise LoraxInputError(f"{path}: cannot write ({exc.strerror or exc}); the files saved "
+                              f"before it are complete") from None
     return path
 
 

@@ -197,3 +197,22 @@ def test_half_swapped_state_folders_are_settled(tmp_path):
     recover_state_folders(tmp_path, "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other-state.tmp", "run-step00000002-state"]
     assert (tmp_path / "run-step00000002-state" / "train_state.json").is_file()
+
+
+def test_a_save_failing_midway_is_one_error_and_leaves_nothing(tmp_path):
+    """A disk filling up during training: the save is one LoraxInputError line, no temporary left."""
+    import errno
+
+    from sd_scripts_lorax.errors import LoraxInputError
+    from sd_scripts_lorax.train.checkpoints import save_weights_atomic
+
+    class FullDisk(torch.nn.Module):
+        def save_weights(self, file, dtype, metadata):
+            Path(file).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "earlier.safetensors").write_bytes(b"kept")
+    with pytest.raises(LoraxInputError) as exc:
+        save_weights_atomic(FullDisk(), tmp_path / "run.safetensors", None, {})
+    assert str(exc.value).startswith(f"{tmp_path / 'run.safetensors'}: cannot write (No space left on device)")
+    assert snapshot(tmp_path) == {"earlier.safetensors": b"kept"}
