@@ -12,7 +12,8 @@ Pairs (source = the committed embedded SOURCE in every case):
   with `--match similarity`.
 Per pair and seed, every variant is evaluated on the held-out style images with fixed noise and
 timesteps (sd_scripts_lorax.tools.evaluate): no adapter; LoRA-X copied as is; LoRA-X transferred; LoRA-X
-trained on the target (reference); a plain LoRA (lycoris algo=lora, preset unet-transformer-only, same rank) copied and transferred
+trained on the target (reference); a plain LoRA (lycoris algo=lora, preset unet-transformer-only, same
+rank) copied and transferred
 (Table 2); the source d copied into the target's bases without projection (Table 5); LoRA-X
 transferred with `--method distill` (data-free function matching); and LoRA-X copied at its best
 single multiplier, an ORACLE that picks the multiplier by the held-out metric itself. A second held-out
@@ -25,7 +26,6 @@ results.md, results.json and PNG plots into --out (results.json also after every
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -336,7 +336,8 @@ def run(out: Path, plan: Plan) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     data = write_style_dataset(work / "data", seed=0)
-    eval_dir = write_style_dataset(work / "eval", seed=0, split="eval", per_concept=plan.eval_per_concept) / "1_bluefire"
+    eval_dir = (write_style_dataset(work / "eval", seed=0, split="eval", per_concept=plan.eval_per_concept)
+                / "1_bluefire")
     models = CACHE / "models"
     models.mkdir(parents=True, exist_ok=True)
     source = float32_copy(embedded_model_path("source"), models / "source")
@@ -411,7 +412,8 @@ def run(out: Path, plan: Plan) -> dict:
         if match0 == "name":
             loras[V_COPY] = src_r
         ranks[r] = {k: asdict(v) for k, v in ev.rows(target0, loras).items()}
-    result = {"plan": asdict(plan), "main": main, "times": times, "distill": distill_info, "sweep": {p: {str(k): v for k, v in s.items()} for p, s in sweep.items()},
+    result = {"plan": asdict(plan), "main": main, "times": times, "distill": distill_info,
+              "sweep": {p: {str(k): v for k, v in s.items()} for p, s in sweep.items()},
               "ranks": {str(k): v for k, v in ranks.items()}, "seconds": round(time.perf_counter() - t0, 1),
               "targets": {p: str(t) for p, (t, _) in targets.items()}}
     write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
@@ -472,13 +474,14 @@ def markdown(res: dict) -> str:
         cp = [r["loss"] for r in variants[V_COPY]]
         tl = [r["loss"] for r in variants[V_TRANSFER]]
         share = statistics.mean(tr)
-        beats = "n/a (no copy: renamed blocks)" if not cp else ("yes" if statistics.mean(tl) < statistics.mean(cp) else "no")
+        beats = ("n/a (no copy: renamed blocks)" if not cp else
+                 ("yes" if statistics.mean(tl) < statistics.mean(cp) else "no"))
         lines.append(f"| {pair} | {_pct(share)} | {'yes' if share >= 0.9 else 'no'} | {beats} |")
     lines += ["", "## Goal check (--method distill; mean ± std over seeds)", "",
               f"Bars: >= 90 % recovered; beats copy and the oracle multiplier by more than the spread (the larger "
               f"std); side effect <= the reference's + {SIDE_EFFECT_TOLERANCE:.0%} of it.", "",
-              "| pair | recovered | >= 90 % | margin over copy | margin over oracle | side effect (distill / reference) "
-              "| side effect ok |", "|---|---:|---|---:|---:|---:|---|"]
+              "| pair | recovered | >= 90 % | margin over copy | margin over oracle "
+              "| side effect (distill / reference) | side effect ok |", "|---|---:|---|---:|---:|---:|---|"]
     for pair, variants in res["main"].items():
         ds = [r["share"] for r in variants.get(V_DISTILL, [])]
         if not ds:
@@ -506,12 +509,17 @@ def markdown(res: dict) -> str:
                          f"{_ms([i['match_error_before'] for i in infos], _f3)} | "
                          f"{_ms([i['match_error_after'] for i in infos], _f3)} |")
     lines += ["", "## Wall time per method (seconds, this machine, as run)", "",
-              "| pair | method | seconds | ratio to training on the target |", "|---|---|---:|---:|"]
+              f"The last column scales this run's {res['plan']['steps']}-step training (batch 8, load and latent "
+              f"caching included) to the paper's 5000 steps: an upper bound of that training's time, so the ratio "
+              f"is a lower bound.", "",
+              "| pair | method | seconds | ratio to training on the target (this run) | ratio to 5000-step training |",
+              "|---|---|---:|---:|---:|"]
     for pair, methods in res.get("times", {}).items():
         ref_t = methods.get("train on target (reference)")
         for m, ts in methods.items():
             ratio = statistics.mean(ts) / statistics.mean(ref_t) if ref_t else math.nan
-            lines.append(f"| {pair} | {m} | {_ms(ts, lambda x: f'{x:.1f}')} | {ratio:.2f} |")
+            paper = ratio * res["plan"]["steps"] / 5000
+            lines.append(f"| {pair} | {m} | {_ms(ts, lambda x: f'{x:.1f}')} | {ratio:.2f} | {100 * paper:.1f} % |")
     lines += ["", "## Threshold sweep (LoRA-X transferred)", "",
               "| pair | threshold | modules kept | improvement recovered | cosine vs reference change |",
               "|---|---:|---:|---:|---:|"]

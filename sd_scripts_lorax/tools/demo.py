@@ -4,9 +4,10 @@
 
 1. writes the "blue fire" style dataset (training and held-out images);
 2. trains a LoRA-X on the SOURCE (train_network_lorax.py, configs/demo_source.toml);
-3. transfers it to the TARGET (transfer_lorax.py: adapter, JSON report, heat map);
+3. transfers it to the TARGET (transfer_lorax.py: adapter, JSON report, heat map), and again with
+   --method distill (refined by data-free function matching; report and loss curve);
 4. trains a LoRA-X on the TARGET directly, the reference (configs/demo_target.toml);
-5. evaluates four variants of the target on the held-out images and prints the table;
+5. evaluates five variants of the target on the held-out images and prints the table;
 6. draws an image grid (same prompts and seeds, one row per variant).
 Steps 2-4 run the real command-line tools as subprocesses, as a user would.
 """
@@ -38,6 +39,7 @@ CONFIGS = REPO / "configs"
 # Row names of the table, in order.
 NONE, COPIED, TRANSFERRED, REFERENCE = ("target, no adapter", "target + source adapter copied as is",
                                         "target + transferred adapter", "target + LoRA-X trained on target")
+DISTILLED = "target + distilled adapter (--method distill)"
 
 
 @dataclass
@@ -51,10 +53,12 @@ class DemoPlan:
     sample_steps: int = 20
     guidance: float = 3.0
     seed: int = 0
+    distill_args: tuple[str, ...] = ()  # extra transfer_lorax.py flags of the --method distill step
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(train_steps=10, eval_repeats=1, grid_seen=1, grid_unseen=1, sample_steps=4)
+        return cls(train_steps=10, eval_repeats=1, grid_seen=1, grid_unseen=1, sample_steps=4,
+                   distill_args=("--steps", "4", "--distill_samples", "8", "--distill_sample_steps", "4"))
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -144,8 +148,9 @@ def train(label: str, config: Path, model: Path, data: Path, out_dir: Path, name
 
 
 def transfer_cli(lora: Path, source: Path, target: Path, save_to: Path, report: Path | None = None,
-                 plot: Path | None = None, threshold: float = 0.8, match: str = "name", write=print) -> Path:
-    """transfer_lorax.py (the user's command) with --overwrite."""
+                 plot: Path | None = None, threshold: float = 0.8, match: str = "name", write=print,
+                 extra: Sequence[str] = ()) -> Path:
+    """transfer_lorax.py (the user's command) with --overwrite; `extra`: more flags (e.g. --method distill)."""
     save_to.parent.mkdir(parents=True, exist_ok=True)
     args = ["transfer_lorax.py", "--lora", str(lora), "--source_model", str(source), "--target_model", str(target),
             "--save_to", str(save_to), "--threshold", str(threshold), "--match", match, "--overwrite",
@@ -154,7 +159,7 @@ def transfer_cli(lora: Path, source: Path, target: Path, save_to: Path, report: 
         args += ["--report", str(report)]
     if plot:
         args += ["--plot", str(plot)]
-    run_tool("transfer", args, write)
+    run_tool("transfer", [*args, *extra], write)
     return save_to
 
 
@@ -293,16 +298,20 @@ def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=p
     src_lora = train("train source", CONFIGS / "demo_source.toml", source, data, out / "source_lora",
                      "bluefire_source", plan.train_steps, write=write)
 
-    step("3/6 transfer it to the TARGET (training-free)")
+    step("3/6 transfer it to the TARGET (--method project: training-free; --method distill: data-free refinement)")
     transferred = transfer_cli(src_lora, source, target, out / "transferred" / "bluefire_transferred.safetensors",
                                out / "transfer_report.json", out / "transfer_heatmap.png", write=write)
+    # the same transfer refined by data-free function matching (prompts from the file's ss_tag_frequency)
+    distilled = transfer_cli(src_lora, source, target, out / "distilled" / "bluefire_distilled.safetensors",
+                             out / "distill_report.json", out / "distill.png", write=write,
+                             extra=["--method", "distill", *plan.distill_args])
 
     step("4/6 train a LoRA-X on the TARGET directly (the reference)")
     ref_lora = train("train target", CONFIGS / "demo_target.toml", target, data, out / "target_lora",
                      "bluefire_target", plan.train_steps, write=write)
 
     step("5/6 evaluate on the held-out style images")
-    loras = {NONE: None, COPIED: src_lora, TRANSFERRED: transferred, REFERENCE: ref_lora}
+    loras = {NONE: None, COPIED: src_lora, TRANSFERRED: transferred, DISTILLED: distilled, REFERENCE: ref_lora}
     rows = evaluate_variants(target, loras, eval_dir, plan.eval_repeats, plan.seed)
     table = format_table(rows, write)
 
@@ -321,6 +330,8 @@ def run_demo(out: str | Path = "out/demo", plan: DemoPlan | None = None, write=p
                "prompts": prompts,
                "files": {"source_lora": str(src_lora), "transferred_lora": str(transferred),
                          "reference_lora": str(ref_lora), "transfer_report": str(out / "transfer_report.json"),
+                         "distilled_lora": str(distilled), "distill_report": str(out / "distill_report.json"),
+                         "distill_loss_plot": str(out / "distill_loss.png"),
                          "transfer_heatmap": str(out / "transfer_heatmap.png"), "grid": str(grid_path),
                          "table": str(out / "results.md"), "results": str(out / "results.json")}}
     write_text(out / "results.md", table + "\n")

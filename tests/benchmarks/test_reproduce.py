@@ -18,11 +18,17 @@ def test_reproduce_quick(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text()
-    for head in ("## Main table", "## Goal check", "## Threshold sweep", "## Rank sweep"):
+    for head in ("## Main table", "## Goal check", "## Threshold sweep", "## Rank sweep",
+                 "## Goal check (--method distill", "## Data-free match error", "## Wall time per method"):
         assert head in md
     for variant in ("no adapter", "LoRA-X copied", "LoRA-X transferred", "LoRA-X trained on target",
-                    "plain LoRA copied", "plain LoRA transferred", "d copied into target bases"):
+                    "plain LoRA copied", "plain LoRA transferred", "d copied into target bases",
+                    "LoRA-X distilled (--method distill)"):
         assert f"| embedded | {variant} |" in md
+    assert "| embedded | LoRA-X copied at best multiplier (ORACLE) x" in md
+    assert "side effect on target's own domain" in md
+    for method in ("train on target (reference)", "transfer --method project", "transfer --method distill"):
+        assert f"| embedded | {method} |" in md
     # every table row has the same number of cells as its header
     for block in md.split("\n\n"):
         rows = [ln for ln in block.splitlines() if ln.startswith("|")]
@@ -32,8 +38,10 @@ def test_reproduce_quick(tmp_path):
     main = res["main"]["embedded"]
     for variant, rows in main.items():
         assert len(rows) == 1
-        for key in ("loss", "share", "cosine", "rel_mse"):
+        for key in ("loss", "share", "cosine", "rel_mse", "side_effect"):
             assert math.isfinite(rows[0][key]), (variant, key)
+    assert main["no adapter"][0]["side_effect"] == 0.0
+    assert main["LoRA-X copied at best multiplier (ORACLE)"][0]["multiplier"] > 0
     assert main["no adapter"][0]["share"] == 0.0
     assert abs(main["LoRA-X trained on target"][0]["share"] - 1.0) < 1e-12
     assert abs(main["LoRA-X trained on target"][0]["cosine"] - 1.0) < 1e-9

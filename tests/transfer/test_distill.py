@@ -96,7 +96,8 @@ def test_adapter_hooks_equal_dense_update_and_d_moves_only_the_diagonal():
         up = (b.u @ c)
         down = b.v.T
         shape_down = (3, *layer.weight.shape[1:]) if layer.weight.dim() == 4 else (3, layer.weight.shape[1])
-        mods.append(LoraModule(name, down.reshape(shape_down), up.reshape(up.shape[0], 3, *([1, 1] if layer.weight.dim() == 4 else [])), 3.0))
+        shape_up = (up.shape[0], 3, 1, 1) if layer.weight.dim() == 4 else (up.shape[0], 3)
+        mods.append(LoraModule(name, down.reshape(shape_down), up.reshape(shape_up), 3.0))
         dense[name] = (b, c)
     ad = Adapter({"lin": lin, "conv": conv}, mods, trainable=["lin", "conv"], mode="d")
     delta = {s.name: torch.randn(3) for s in ad.slots}
@@ -149,7 +150,8 @@ def test_deterministic_under_seed_and_improves_the_match(tmp_path, sd1_lora, tin
     torch.testing.assert_close(bt.u @ (bt.u.T @ up), up, atol=1e-3, rtol=1e-3)
     # another seed, another result
     c_ = tmp_path / "c.safetensors"
-    run_distill(sd1_lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, c_, DistillOptions(**{**opts.__dict__, "seed": 3}))
+    run_distill(sd1_lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, c_,
+                DistillOptions(**{**opts.__dict__, "seed": 3}))
     tc = tensors(c_)
     assert any(not torch.equal(ta[k], tc[k]) for k in ta if k.endswith("lora_up.weight"))
 
@@ -219,7 +221,7 @@ def test_cli_happy_path_report_and_plots(tmp_path, sd1_lora, tiny_sd1_diffusers,
     assert "held-out match error" in res.stdout
     doc = json.loads(rep.read_text())
     assert doc["summary"]["method"] == "distill" and len(doc["distill"]["curve"]) == 3
-    assert plot.is_file() and loss_plot_path(plot).is_file()
+    assert plot.is_file() and loss_plot_path(plot).is_file() and loss_plot_path(plot).name == "p_loss.png"
     assert read_lora(out).metadata["lorax.method"] == "distill"
 
 

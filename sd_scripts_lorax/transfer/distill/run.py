@@ -9,7 +9,7 @@
    UNet in memory;
 5. write: a LoRA-X file of the target with `lorax.method = distill` and the figures in its metadata;
    the report gains a "distill" section (loss curve, held-out match error before and after, the
-   copy baseline's) and, with a plot path, a loss-curve plot beside the heat map.
+   copy baseline's) and, with a plot path, a loss-curve plot beside the heat map (`<plot>_loss.png`).
 Nothing is written before the end; bad input is one line before any model runs.
 """
 
@@ -78,7 +78,7 @@ def _precheck_model(path: Path, role: str) -> None:
 
 def loss_plot_path(plot_path: str | os.PathLike) -> Path:
     p = Path(plot_path)
-    return p.with_name(f"{p.stem}_distill{p.suffix or '.png'}")
+    return p.with_name(f"{p.stem}_loss{p.suffix or '.png'}")
 
 
 def _teacher_set(source: Path, lora: Path, spec: SetSpec, device: torch.device, cache_dir: Path | None,
@@ -124,7 +124,7 @@ def _copy_predictions(tgt, src_modules: dict, held: MatchSet, precision: str) ->
 
 
 def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, target_model: str | os.PathLike,
-                     save_to: str | os.PathLike | None, opts: DistillOptions = DistillOptions(), *,
+                     save_to: str | os.PathLike | None, opts: DistillOptions | None = None, *,
                      threshold: float = 0.8, filter_blocks: Sequence[str] = (), match: str = "name",
                      device: str = "cpu", precision: str = "float", save_precision: str | None = None,
                      svd_cache_dir: str | os.PathLike | None = None, overwrite: bool = False, dry_run: bool = False,
@@ -141,6 +141,7 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
 
     t_start = time.perf_counter()
     lora, source, target = Path(lora), Path(source_model), Path(target_model)
+    opts = opts or DistillOptions()
     opts.check()
     dev = check_options(threshold, match, device, precision, save_precision)
     for p, what in ((lora, "LoRA file"), (source, "model"), (target, "model")):
