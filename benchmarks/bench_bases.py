@@ -1,8 +1,14 @@
 """Time top-r bases: exact vs gram vs randomized vs batched gram, on SD1.5 layer shapes.
 
-Usage: python benchmarks/bench_bases.py [--ranks 32 320] [--repeats 3] [--device cpu] [--batch 4]
+Usage: python benchmarks/bench_bases.py [--ranks 32 320] [--repeats 3] [--device cpu] [--batch 4] [--warm]
 Prints, per shape and rank, the median seconds per matrix and the ratio against "exact" measured in
 the same run, plus the projector error of each method against exact (||P - P_exact||_F / sqrt(r)).
+
+--warm instead times the warm start (lorax/warm_bases.py) against "gram" on a transfer-like pair: a
+fp16 source with a decaying spectrum and its 5% drift (bench_transfer's recipe); the start is the
+source's top-r V rounded to fp16 (what a LoRA-X file stores). It prints gram/warm (higher: the warm
+start is faster), whether the certificate held, the error against gram, and what `warm_start_pays`
+says for the shape, so that rule can be checked against the measurement.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import time
 import torch
 
 from sd_scripts_lorax.lorax import top_bases, top_bases_batched
+from sd_scripts_lorax.lorax.lapack import serial_blas
+from sd_scripts_lorax.lorax.warm_bases import warm_start_pays, warm_top_bases
+from sd_scripts_lorax.testing.fixture_math import decaying_matrix, drift_tensor
 
 # (out, in*kh*kw) of SD1.5 layers: attention q/k/v/out, cross-attn k/v (in 768), GEGLU ff.net.0 (2560x320
 # at level 0 is ff_net_0 out x in), ff.net.2 (1280x5120), a 3x3 conv (320 x 320*9)
@@ -49,14 +58,39 @@ def proj_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ a.T - b @ b.T).norm() / math.sqrt(a.shape[1]))
 
 
+def warm_table(args, device: torch.device) -> None:
+    """gram vs warm start on drifted pairs (see the module docstring)."""
+    print(f"{'shape':>12} {'r':>4} {'gram s':>9} {'warm s':>9} {'gram/warm':>9} {'held':>5} {'err':>9} {'pays':>5}")
+    for out, n in SHAPES:
+        g = torch.Generator().manual_seed(out + n)
+        src = decaying_matrix(out, n, g).half()
+        tgt = drift_tensor(src, 0.05, f"{out}x{n}", 1).to(device)
+        for rank in args.ranks:
+            r = min(rank, out, n)
+            if r >= min(out, n):
+                continue
+            start = top_bases(src, r).v.half().float().to(device)
+            with serial_blas():  # as the transfer's workers run: one BLAS thread
+                t_gram, ref = timed(lambda: top_bases(tgt, r, "gram"), args.repeats, device)
+                t_warm, b = timed(lambda: warm_top_bases(tgt, r, start), args.repeats, device)
+            err = proj_err(b.v.cpu(), ref.v.cpu()) if b is not None else float("nan")
+            print(f"{f'{out}x{n}':>12} {r:>4} {t_gram:9.4f} {t_warm:9.4f} {t_gram / t_warm:9.2f} "
+                  f"{str(b is not None):>5} {err:9.1e} {str(warm_start_pays(out, n, r)):>5}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 320])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4, help="stack size for the batched timing")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warm", action="store_true", help="time the warm start against gram on drifted pairs")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.warm:
+        print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+        warm_table(args, device)
+        return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"repeats {args.repeats} (median), batch {args.batch}")
     header = (f"{'shape':>12} {'r':>4} {'exact s':>9} {'gram s':>9} {'x':>6} {'rand s':>9} {'x':>6} "
