@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sd_scripts_lorax.testing.kohya.workspace import Workspace  # noqa: E402
+from sd_scripts_lorax.testing.kohya.workspace import Workspace
 
 STEP_RE = re.compile(r"([0-9.]+)s/it")
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -21,10 +23,13 @@ from ..errors import LoraxInputError
 from ..formats.finite import all_finite
 from ..lorax import Bases, top_bases_batched
 from ..lorax.bases import bases_from_claimed_v
+from ..lorax.lapack import serial_blas
 from .targets import Target
 
-# Bytes of fp32 weights stacked into one batched SVD call (bounds the peak memory of creation).
+# Bytes of fp32 weights stacked into one batched SVD call on a GPU (bounds the peak memory of creation).
 _BATCH_BYTES = 256 * 2**20
+# CPU threads computing bases side by side (each single-threaded).
+_MAX_WORKERS = 8
 # Acceptance of a claimed V (orthonormality and invariance residuals, relative): a float32 V^T of the
 # same weight's bases passes at ~1e-6; fp16 storage rounding (~2e-4) and other checkpoints do not.
 CLAIM_TOL = 1e-4
@@ -72,14 +77,40 @@ def check_finite(targets: Iterable[Target]) -> None:
             raise LoraxInputError(f"base model: module {t.lora_name} weight {tuple(w.shape)} contains {what}")
 
 
+def _workers() -> int:
+    return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_device: str | None) -> list[Bases]:
-    """Bases of same-shaped weights, stacked into as few batched SVD calls as memory allows."""
+    """Bases of same-shaped weights.
+
+    On the CPU: one weight per task on a thread pool, each task on one thread (LAPACK through scipy
+    releases the GIL; `serial_blas` and one torch thread keep the workers from oversubscribing the
+    cores), so the result of each weight does not depend on the number of cores. On a GPU: stacked
+    into as few batched calls as memory allows.
+    """
+    device = _svd_device(weights[0], svd_device)
+    if device.type == "cpu":
+        def one(w: torch.Tensor) -> Bases:
+            return top_bases_batched(w.detach().to(device, torch.float32)[None], rank, method)[0].to(w.device)
+
+        with torch.no_grad(), serial_blas(), _one_torch_thread(), ThreadPoolExecutor(_workers()) as pool:
+            return list(pool.map(one, weights))
     per_item = 4 * weights[0].numel()
     step = max(1, _BATCH_BYTES // per_item)
     out: list[Bases] = []
     for start in range(0, len(weights), step):
         chunk = weights[start:start + step]
-        device = _svd_device(chunk[0], svd_device)
         with torch.no_grad():
             stack = torch.stack([w.detach().to(device, torch.float32) for w in chunk])
             bases = top_bases_batched(stack, rank, method)

@@ -18,7 +18,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -26,11 +25,9 @@ from torch import nn
 
 from .. import NETWORK_MODULE
 from ..errors import LoraxInputError
-from ..formats.finite import all_finite
-from ..lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit,
-                     top_bases_batched)
-from .layer import LoraXModule
+from ..lorax import d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit
 from .bases import check_finite, claimed_bases, compute_bases, disabled_autocast  # noqa: F401 (re-exported)
+from .layer import LoraXModule
 from .targets import (TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, Target, find_targets,  # noqa: F401 (re-exported)
                       text_encoder_parts, unet_naming)
 

