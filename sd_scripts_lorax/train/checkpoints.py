@@ -61,10 +61,16 @@ def save_state(accelerator, folder: Path, state: TrainState, identity: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "run": identity or {}}))
+    except OSError as exc:  # a disk that filled up: one line; the unfinished folder goes, earlier ones stay
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise LoraxInputError(f"{folder}: cannot write the training state ({exc.strerror or exc})") from None
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "run": identity or {}}))
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():

@@ -216,3 +216,30 @@ def test_a_save_failing_midway_is_one_error_and_leaves_nothing(tmp_path):
         save_weights_atomic(FullDisk(), tmp_path / "run.safetensors", None, {})
     assert str(exc.value).startswith(f"{tmp_path / 'run.safetensors'}: cannot write (No space left on device)")
     assert snapshot(tmp_path) == {"earlier.safetensors": b"kept"}
+
+
+def test_a_state_save_failing_midway_is_one_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    from sd_scripts_lorax.errors import LoraxInputError
+    from sd_scripts_lorax.train.checkpoints import TrainState, save_state
+
+    class FullDisk:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    earlier = tmp_path / "run-step00000001-state"
+    earlier.mkdir()
+    (earlier / "train_state.json").write_text("{}")
+    with pytest.raises(LoraxInputError) as exc:
+        save_state(FullDisk(), tmp_path / "run-step00000002-state", TrainState(1, 2, 2, 0))
+    assert str(exc.value) == (f"{tmp_path / 'run-step00000002-state'}: cannot write the training state "
+                              "(No space left on device)")
+    assert snapshot(tmp_path) == {"run-step00000001-state": b"<dir>",
+                                  "run-step00000001-state/train_state.json": b"{}"}
