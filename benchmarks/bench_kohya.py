@@ -31,20 +31,17 @@ def step_time(log_text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_stages(ws: Workspace, module: str, stages: list[str], tag: str, extra: list[str], dim: int) -> dict:
-    results = {}
-    train_name = f"train-{tag}"
-    for stage in stages:
-        name = f"{stage}-{tag}"
-        args = list(extra)
-        if stage in ("resume", "dimfw"):
-            source = ws.root / "out" / train_name / f"{train_name}-step00000001.safetensors"
-            args += ["--network_weights", str(source)] + (["--dim_from_weights"] if stage == "dimfw" else [])
-        r = ws.train(name, module, *args, dim=dim)
-        results[stage] = {"wall_s": r.wall_s, "peak_gib": r.peak_rss_gib, "s_per_it": step_time(r.text)}
-        print(f"  {module:16s} {stage:7s} {r.wall_s:7.1f} s  peak {r.peak_rss_gib:5.2f} GiB  "
-              f"step {results[stage]['s_per_it']} s/it", flush=True)
-    return results
+def run_stage(ws: Workspace, module: str, stage: str, tag: str, extra: list[str], dim: int) -> dict:
+    name, train_name = f"{stage}-{tag}", f"train-{tag}"
+    args = list(extra)
+    if stage in ("resume", "dimfw"):
+        source = ws.root / "out" / train_name / f"{train_name}-step00000001.safetensors"
+        args += ["--network_weights", str(source)] + (["--dim_from_weights"] if stage == "dimfw" else [])
+    r = ws.train(name, module, *args, dim=dim)
+    got = {"wall_s": r.wall_s, "peak_gib": r.peak_rss_gib, "s_per_it": step_time(r.text)}
+    print(f"  {module:16s} {stage:7s} {r.wall_s:7.1f} s  peak {r.peak_rss_gib:5.2f} GiB  "
+          f"step {got['s_per_it']} s/it", flush=True)
+    return got
 
 
 def main(argv=None) -> int:
@@ -62,12 +59,13 @@ def main(argv=None) -> int:
         ws = Workspace(Path(args.workdir or tmp), args.family)
         ws.setup()
         print(f"kohya {ws.kohya}  checkpoint {ws.checkpoint.name}  rank {args.dim}", flush=True)
-        table = {}
-        for i, module in enumerate(modules):
-            extra = args.extra.split()
-            if module == "networks.lora_x" and args.svd_cache:
-                extra += ["--network_args", f"svd_cache_dir={ws.root / 'svd-cache'}"]
-            table[module] = run_stages(ws, module, stages, f"m{i}", extra, args.dim)
+        table: dict[str, dict] = {m: {} for m in modules}
+        for stage in stages:  # the modules take turns, so a change of load on the machine hits both
+            for i, module in enumerate(modules):
+                extra = args.extra.split()
+                if module == "networks.lora_x" and args.svd_cache:
+                    extra += ["--network_args", f"svd_cache_dir={ws.root / 'svd-cache'}"]
+                table[module][stage] = run_stage(ws, module, stage, f"m{i}", extra, args.dim)
         if len(modules) == 2:
             base, test = (table[m] for m in modules)
             print(f"\n{'stage':8s} {modules[0]:>16s} {modules[1]:>16s}  ratio   step ratio  peak ratio")

@@ -2,10 +2,10 @@
 or taken from a LoRA-X weights file after a check.
 
 A LoRA-X file's `lora_down` is V^T of the base it was trained on. When kohya resumes
-(`--network_weights`, `--dim_from_weights`) from such a file saved in float32, its V is checked to be
-the top right singular subspace of this base's weight (`bases_from_claimed_v`, at a tolerance only a
-float32 copy of the same weight's bases passes: fp16/bf16 rounding or another checkpoint's subspace
-fall back to the SVD), and the bases come from a Rayleigh-Ritz step on it: no SVD at all.
+(`--network_weights`, `--dim_from_weights`) from such a file, its V is checked to be the top right
+singular subspace of this base's weight (`bases_from_claimed_v`; for float32 weights at a tolerance
+only a float32 copy of the same weight's bases passes: fp16/bf16 rounding or another checkpoint's
+subspace fall back to the SVD), and the bases come from a Rayleigh-Ritz step on it: no SVD at all.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from .targets import Target
 _BATCH_BYTES = 256 * 2**20
 # CPU threads computing bases side by side (each single-threaded).
 _MAX_WORKERS = 8
-# Acceptance of a claimed V (orthonormality and invariance residuals, relative): a float32 V^T of the
-# same weight's bases passes at ~1e-6; fp16 storage rounding (~2e-4) and other checkpoints do not.
+# Acceptance of a claimed V (orthonormality and invariance residuals, relative) for float32 base
+# weights: a float32 V^T of the same weight's bases passes at ~1e-6; fp16 storage rounding (~2e-4)
+# and other checkpoints do not. fp16/bf16 base weights (--full_fp16/--full_bf16) keep their bases in
+# that dtype anyway, so a claim at that rounding (bases_from_claimed_v's own tolerance) loses nothing.
 CLAIM_TOL = 1e-4
+# |cos| between each claimed vector and the checked one it became (see claimed_bases)
+_KEPT_COS = 0.9999
 
 
 @contextlib.contextmanager
@@ -51,14 +55,25 @@ def claimed_bases(targets: Iterable[Target], claims: Mapping[str, torch.Tensor])
     for t in targets:
         down = claims.get(t.lora_name)
         w = t.base.weight
-        if down is None or down.dtype != torch.float32 or w.device.type == "meta":
+        if down is None or w.device.type == "meta":
+            continue
+        full = w.dtype not in (torch.float16, torch.bfloat16)
+        if full and down.dtype != torch.float32:
             continue
         rank = min(t.rank, w.shape[0], math.prod(w.shape[1:]))
         if down.shape[0] != rank or down[0].numel() != w[0].numel():
             continue
-        bases = bases_from_claimed_v(w.detach(), down.reshape(rank, -1).t(), tol=CLAIM_TOL)
-        if bases is not None:
-            out[t.lora_name] = bases.to(w.device)
+        v_claim = down.float().reshape(rank, -1).t()
+        bases = bases_from_claimed_v(w.detach(), v_claim, **({"tol": CLAIM_TOL} if full else {}))
+        if bases is None:
+            continue
+        # The Rayleigh-Ritz step may rotate the claimed vectors among themselves where singular values
+        # are closer than the claim's rounding; the file's d was trained on the claimed vectors, so a
+        # rotated basis would not reproduce its update: take the claim only if every vector stays put.
+        v_claim = v_claim.to(bases.v.device) / v_claim.norm(dim=0).clamp_min(1e-30).to(bases.v.device)
+        if float((bases.v * v_claim).sum(dim=0).abs().min()) < _KEPT_COS:
+            continue
+        out[t.lora_name] = bases.to(w.device)
     return out
 
 

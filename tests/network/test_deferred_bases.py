@@ -114,3 +114,25 @@ def test_fp16_file_or_other_base_falls_back_to_svd(tmp_path, svd_calls):
     net.apply_to(other.text_encoders[0], other.unet)
     net.load_weights(str(full))
     assert len(svd_calls) > 0.9 * len(net.applied_loras())
+
+
+def test_half_precision_network_takes_bases_at_their_own_rounding(tmp_path, svd_calls):
+    """--full_bf16: the base weights and the bases are bf16, so a file of this run holds bases at bf16
+    rounding, which is all the module keeps: resuming takes them wherever they stay the same vectors,
+    and the resumed network makes the update of the file."""
+    models = _models()
+    models.unet.to(torch.bfloat16)
+    models.text_encoders[0].to(torch.bfloat16)
+    te = models.text_encoders[0]
+    trained, path = _trained_file(tmp_path, models)
+    svd_calls.clear()
+    net = create_network(1.0, 4, None, None, te, models.unet, conv_dim="2")
+    net.apply_to(te, models.unet)
+    net.load_weights(str(path))
+    assert len(svd_calls) < 0.5 * len(net.applied_loras()), "most bf16 bases should come from the file"
+    for a, b in zip(trained.applied_loras(), net.applied_loras()):
+        assert b.u.dtype == torch.bfloat16
+        if b.lora_name in svd_calls:
+            continue  # recomputed: d is the file's update projected onto fresh bf16 bases
+        torch.testing.assert_close(b.delta_weight(), a.delta_weight(), rtol=0,
+                                   atol=2e-2 * float(a.delta_weight().abs().max()))
