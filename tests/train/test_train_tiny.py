@@ -101,3 +101,19 @@ def test_diffusers_load_lora_weights(trained):
         ours = models.unet(x, t, h).sample
     assert not torch.allclose(before, after, atol=1e-3)
     assert torch.allclose(after, ours, atol=1e-4), (after - ours).abs().max()
+
+
+def test_tag_frequency_gives_the_distill_prompts(trained):
+    """ss_tag_frequency as `--method distill` reads it: the style trigger, then trigger + each caption's content."""
+    import json
+
+    from sd_scripts_lorax.formats.lora_file import read_lora
+    from sd_scripts_lorax.transfer.distill.prompts import from_metadata
+
+    path = trained / "run" / "tiny_lorax.safetensors"
+    meta = read_lora(path).metadata
+    assert json.loads(meta["ss_tag_frequency"])["10_bluefire"]["bluefire style"] == 24
+    sets = from_metadata(meta, path)
+    assert sets.adapter[0] == "bluefire style" and len(sets.adapter) > 1
+    assert all(p.startswith("bluefire style, ") for p in sets.adapter[1:])
+    assert sets.identity and not any("bluefire" in p for p in sets.identity)
