@@ -23,10 +23,21 @@ Parts (each recorded as ok / failed / skipped with its reason; a failure never s
 --small: tiny fixtures, small ranks, a few steps (the CPU mode a test runs so this file cannot rot).
 --budget_s: parts that would start after this many seconds are skipped (reason "budget").
 
-On the GPU machine (see /work/.library/device/README.md): its Python has torch, transformers,
-accelerate, safetensors, scipy, but not diffusers, lycoris_lora or bitsandbytes: carry their wheels
-(`.whl`, installed with `pip install --no-deps --target /tmp/site`) and set PYTHONPATH. Missing
-packages make their part "skipped", not the run.
+On the GPU machine (see /work/.library/device/README.md): its Python (3.12) has torch, transformers,
+accelerate, safetensors, scipy, threadpoolctl, but not diffusers (which the fixtures need too),
+importlib_metadata (diffusers needs it), lycoris_lora or bitsandbytes. Carry them as wheels:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 importlib_metadata lycoris_lora==4.1.3 bitsandbytes==0.50.2
+    run(carry=[".whl"], timeout_s=560, command="python3 -m pip install -q --no-index --no-deps
+        --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export
+        PYTHONPATH=/tmp/site; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda --out $OUT")
+
+(the versions are this venv's; drop bitsandbytes if the wheels pass the 64 MiB the call carries: the
+8-bit variant is then "skipped"). The default --budget_s 480 leaves room inside one 10-minute call;
+$OUT gets gpu_check.json and gpu_check.md; fixtures and outputs stay in --work_dir (a temp folder).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -107,10 +119,11 @@ def part_bases(a, device: torch.device, work: Path) -> dict:
                    "s_err": float((b.s.cpu() - ref.s).abs().max()) / float(ref.s[0]),
                    "warm_s": t_warm, "warm": bw is not None,
                    "warm_proj_err": _proj_dist(bw.v, ref.v) if bw is not None else None}
-            promised = gap > GAP
-            row["ok"] = (not promised) or (row["proj_err"] < PROJ_TOL and row["s_err"] < SING_TOL
-                                           and (bw is None or row["warm_proj_err"] < PROJ_TOL))
-            row["note"] = "" if promised else "no gap: tolerance not promised"
+            # without the documented gap no tolerance is promised; 10x looser still catches broken bases
+            loose = 1.0 if gap > GAP else 10.0
+            row["ok"] = (row["proj_err"] < loose * PROJ_TOL and row["s_err"] < loose * SING_TOL
+                         and (bw is None or row["warm_proj_err"] < loose * PROJ_TOL))
+            row["note"] = "" if gap > GAP else "no gap at r: checked at 10x the tolerance"
             rows.append(row)
             log(f"  bases {out}x{n} r={r}: device {t_dev:.3f} s, cpu exact {t_cpu:.3f} s, proj err "
                 f"{row['proj_err']:.1e}, s err {row['s_err']:.1e}, warm {row['warm']} {row['note']}")
@@ -319,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--small", action="store_true", help="tiny fixtures and ranks (the CPU test mode)")
     p.add_argument("--out", default=str(REPO / "out" / "gpu_check"), help="folder of gpu_check.json / .md")
-    p.add_argument("--work_dir", default=None, help="fixtures and outputs (default: OUT/work)")
+    p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "lorax_gpu_check"),
+                   help="fixtures and outputs (kept between runs; not under --out, whose files travel back)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default 20; small 2)")
     p.add_argument("--modules", type=int, default=None, help="transfer: adapted modules (default: 64; small: all)")
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: CUDA is not available here (use --device cpu --small)")
     device = torch.device(a.device)
     out = Path(a.out)
-    work = Path(a.work_dir) if a.work_dir else out / "work"
+    work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     doc = {"env": {"device": a.device, "small": a.small, "torch": torch.__version__, "python": platform.python_version(),

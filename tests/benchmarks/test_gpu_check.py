@@ -23,7 +23,8 @@ def gpu_check():
 
 def test_cpu_small_mode_runs_every_part(gpu_check, tmp_path):
     out = tmp_path / "out"
-    rc = gpu_check.main(["--device", "cpu", "--small", "--out", str(out), "--ranks", "4", "--modules", "6",
+    rc = gpu_check.main(["--device", "cpu", "--small", "--out", str(out), "--work_dir", str(tmp_path / "work"),
+                         "--ranks", "4", "--modules", "6",
                          "--steps", "1", "--budget_s", "100000"])
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["failures"] == [], {n: p.get("error") or p.get("rows") for n, p in doc["parts"].items() if not p["ok"]}
