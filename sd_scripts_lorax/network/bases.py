@@ -49,32 +49,38 @@ def disabled_autocast() -> Iterator[None]:
         yield
 
 
+def _claimed_one(t: Target, down: torch.Tensor) -> Bases | None:
+    w = t.base.weight
+    if w.device.type == "meta":
+        return None
+    full = w.dtype not in (torch.float16, torch.bfloat16)
+    if full and down.dtype != torch.float32:
+        return None
+    rank = min(t.rank, w.shape[0], math.prod(w.shape[1:]))
+    if down.shape[0] != rank or down[0].numel() != w[0].numel():
+        return None
+    v_claim = down.float().reshape(rank, -1).t()
+    bases = bases_from_claimed_v(w.detach(), v_claim, **({"tol": CLAIM_TOL} if full else {}))
+    if bases is None:
+        return None
+    # The Rayleigh-Ritz step may rotate the claimed vectors among themselves where singular values
+    # are closer than the claim's rounding; the file's d was trained on the claimed vectors, so a
+    # rotated basis would not reproduce its update: take the claim only if every vector stays put.
+    v_claim = v_claim.to(bases.v.device) / v_claim.norm(dim=0).clamp_min(1e-30).to(bases.v.device)
+    if float((bases.v * v_claim).sum(dim=0).abs().min()) < _KEPT_COS:
+        return None
+    return bases.to(w.device)
+
+
 def claimed_bases(targets: Iterable[Target], claims: Mapping[str, torch.Tensor]) -> dict[str, Bases]:
-    """Bases from claimed V^T (per lora name) that pass the check; the rest are left out (computed later)."""
-    out: dict[str, Bases] = {}
-    for t in targets:
-        down = claims.get(t.lora_name)
-        w = t.base.weight
-        if down is None or w.device.type == "meta":
-            continue
-        full = w.dtype not in (torch.float16, torch.bfloat16)
-        if full and down.dtype != torch.float32:
-            continue
-        rank = min(t.rank, w.shape[0], math.prod(w.shape[1:]))
-        if down.shape[0] != rank or down[0].numel() != w[0].numel():
-            continue
-        v_claim = down.float().reshape(rank, -1).t()
-        bases = bases_from_claimed_v(w.detach(), v_claim, **({"tol": CLAIM_TOL} if full else {}))
-        if bases is None:
-            continue
-        # The Rayleigh-Ritz step may rotate the claimed vectors among themselves where singular values
-        # are closer than the claim's rounding; the file's d was trained on the claimed vectors, so a
-        # rotated basis would not reproduce its update: take the claim only if every vector stays put.
-        v_claim = v_claim.to(bases.v.device) / v_claim.norm(dim=0).clamp_min(1e-30).to(bases.v.device)
-        if float((bases.v * v_claim).sum(dim=0).abs().min()) < _KEPT_COS:
-            continue
-        out[t.lora_name] = bases.to(w.device)
-    return out
+    """Bases from claimed V^T (per lora name) that pass the check; the rest are left out (computed later).
+    One module per thread-pool task, each on one thread (like `_batched_bases` on the CPU)."""
+    jobs = [(t, claims[t.lora_name]) for t in targets if t.lora_name in claims]
+    if not jobs:
+        return {}
+    with torch.no_grad(), serial_blas(), _one_torch_thread(), ThreadPoolExecutor(_workers()) as pool:
+        found = list(pool.map(lambda job: _claimed_one(*job), jobs))
+    return {t.lora_name: b for (t, _), b in zip(jobs, found) if b is not None}
 
 
 def _svd_device(weight: torch.Tensor, svd_device: str | None) -> torch.device:
