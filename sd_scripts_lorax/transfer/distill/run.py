@@ -28,6 +28,10 @@ import torch
 
 from ...errors import LoraxInputError
 from ...formats.atomic import atomic_write, check_writable
+from ...formats.lora_file import read_lora, write_lora
+from ..engine import transfer
+from ..inputs import SAVE_PRECISIONS, check_options, output_paths
+from ..report import TRANSFERRED, plot_heatmap
 from . import models as dmodels
 from .adapter import Adapter
 from .options import DistillOptions
@@ -134,11 +138,6 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
 
     Returns (TransferReport, DistillReport). Raises LoraxInputError on bad input before writing anything.
     """
-    from ...formats.lora_file import read_lora, write_lora
-    from ..engine import transfer
-    from ..inputs import check_options, output_paths, SAVE_PRECISIONS
-    from ..report import plot_heatmap
-
     t_start = time.perf_counter()
     lora, source, target = Path(lora), Path(source_model), Path(target_model)
     opts = opts or DistillOptions()
@@ -170,7 +169,7 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
                           svd_cache_dir=cache_dir, overwrite=True, progress=progress)
         projected = read_lora(proj_path)
     t_proj = time.perf_counter()
-    trained = sorted(m.name for m in rep.kept if m.reason == "transferred")
+    trained = sorted(m.name for m in rep.kept if m.reason == TRANSFERRED)  # identical modules stay as they are
 
     # 2. the teacher set (source + adapter), then the source is freed
     spec = SetSpec(prompts.adapter, opts.samples, opts.draws, opts.sample_steps, float(opts.guidance), True,
