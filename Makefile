@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# tests/kohya (kohya's real trainers in kohya's own venv, built once per machine under
-# ~/.cache/sd-scripts-lorax/) runs on one worker (xdist group "kohya") while the other takes the rest.
+# tests/kohya runs kohya's real trainers in kohya's own venv (built once per machine under
+# ~/.cache/sd-scripts-lorax/); --dist loadscope keeps each test module on one worker, in order
+# (the kohya stages build on each other).
 test: setup
-	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
+	$(VPY) -m pytest -q -n 2 --dist loadscope tests
 
 demo: setup
 	$(VPY) -m sd_scripts_lorax.tools.demo

@@ -3,7 +3,9 @@ project installed the way the README tells kohya users (sd_scripts_lorax.testing
 
 The venv and the full-size checkpoints are built once per machine under ~/.cache/sd-scripts-lorax/
 ($SD_SCRIPTS_LORAX_CACHE); sd-scripts comes from ../shared/kohya-sd-scripts ($KOHYA_SD_SCRIPTS) and
-is copied to a temp folder. Every test here runs on one xdist worker (group "kohya"), in file order.
+is copied to a temp folder. `make test` runs with `--dist loadscope`: a module's tests stay on one
+xdist worker, in file order (test_kohya_train's stages build on each other); workspaces of different
+workers share the cached venv under a lock (installs never overlap runs).
 """
 
 import pytest

@@ -28,7 +28,6 @@ def test_networks_lora_x_imports_only_core_dependencies():
 
 
 @pytest.mark.kohya
-@pytest.mark.xdist_group("kohya")
 def test_pip_dry_run_into_kohya_venv_changes_no_kohya_package(kohya_ws):
     """The report of `pip install --dry-run -e <project>` taken before the workspace installed it."""
     assert env.pin_drift(kohya_ws.python) == {}, "kohya's venv does not hold kohya's pins"

@@ -7,7 +7,7 @@ list of two text encoders. Built on the meta device inside kohya's venv (names a
 
 import pytest
 
-pytestmark = [pytest.mark.kohya, pytest.mark.xdist_group("kohya")]
+pytestmark = pytest.mark.kohya
 
 # modules (Linear/1x1 + text encoders) without conv_dim, as counted in docs/kohya-contract.md §2
 MODULES = {("sd1", "none"): 192 + 72, ("sdxl", "none"): 722 + 264}

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-pytestmark = [pytest.mark.kohya, pytest.mark.xdist_group("kohya")]
+pytestmark = pytest.mark.kohya
 
 LR = 1e-3  # Adam's first step moves every d entry by about the learning rate
 STAGES: dict = {}

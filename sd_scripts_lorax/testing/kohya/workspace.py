@@ -7,6 +7,7 @@ Every step that can fail raises `StageFailed` naming the stage, the command and 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -168,8 +169,21 @@ class Workspace:
                 p.chmod(p.stat().st_mode | 0o200)
         return self.kohya
 
-    def run(self, name: str, cmd: list[str], cwd: Path | None = None, timeout: int = 1800) -> StageResult:
+    @contextlib.contextmanager
+    def _venv_lock(self, exclusive: bool):
+        """kohya's venv is shared by every workspace on the machine (pytest-xdist workers included):
+        installing into it (exclusive) never overlaps a run that uses it (shared)."""
+        with open(env.cache_root() / f"{env.venv_dir().name}.use.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+
+    def run(self, name: str, cmd: list[str], cwd: Path | None = None, timeout: int = 1800,
+            exclusive: bool = False) -> StageResult:
         """Run one command with kohya's environment, its wall time and peak RSS measured; raise on failure."""
+        with self._venv_lock(exclusive):
+            return self._run(name, cmd, cwd, timeout)
+
+    def _run(self, name: str, cmd: list[str], cwd: Path | None, timeout: int) -> StageResult:
         log = self.logs / f"{name}.log"
         stats = self.logs / f"{name}.rusage.json"
         wrapped = [sys.executable, "-m", "sd_scripts_lorax.testing.kohya.measure", str(stats), "--", *map(str, cmd)]
@@ -193,7 +207,7 @@ class Workspace:
         """({name: version} pip would install for the README's command, {name: version} installed now)."""
         report = self.logs / "dry-run-report.json"
         self.run("dry-run", [self.python, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
-                             "--report", report, "-e", PROJECT], cwd=self.root)
+                             "--report", report, "-e", PROJECT], cwd=self.root, exclusive=True)
         would = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
                  for i in json.loads(report.read_text())["install"]}
         return would, env.installed_versions(self.python)
@@ -201,10 +215,11 @@ class Workspace:
     def install_project(self) -> StageResult:
         """The README's command for kohya users: `pip install -e /path/to/sd-scripts-lorax` in kohya's venv.
         Raises if it changed any package the venv already had (kohya's pins above all)."""
-        before = env.installed_versions(self.python)
-        result = self.run("install", [self.python, "-m", "pip", "install", "--disable-pip-version-check",
-                                      "-e", str(PROJECT)], cwd=self.root)
-        after = env.installed_versions(self.python)
+        with self._venv_lock(exclusive=True):
+            before = env.installed_versions(self.python)
+            result = self._run("install", [self.python, "-m", "pip", "install", "--disable-pip-version-check",
+                                           "-e", str(PROJECT)], self.root, 1800)
+            after = env.installed_versions(self.python)
         changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v and k != "sd-scripts-lorax"}
         if changed:
             raise StageFailed(f"install: `pip install -e {PROJECT}` changed kohya's venv: {changed}")
