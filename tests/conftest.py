@@ -19,6 +19,13 @@ DERIVED_SEED = 1
 DERIVED_DRIFT = 0.05
 
 
+@pytest.fixture(scope="session")
+def derived_drift() -> float:
+    """The relative size of the derived fixtures' change (a fixture: test modules never import conftest,
+    since tests/kohya has a conftest of its own)."""
+    return DERIVED_DRIFT
+
+
 def _base(tmp_path_factory, family: str, layout: str) -> Path:
     folder = tmp_path_factory.mktemp(f"fixture_{family}_{layout}")
     out = folder / (f"{family}.safetensors" if layout == "single_file" else family)

@@ -55,14 +55,15 @@ def ensure_embedded(path: str | Path) -> bool:
     if folder.exists():
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    built = staging / folder.name  # the builders make their output folder themselves
     try:
-        BUILDERS[folder.name](tmp)
+        BUILDERS[folder.name](built)
         try:
-            tmp.rename(folder)
+            built.rename(folder)
         except OSError:  # another process built it first
             if not folder.exists():
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return True
