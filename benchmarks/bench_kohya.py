@@ -31,13 +31,13 @@ def step_time(log_text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_stage(ws: Workspace, module: str, stage: str, tag: str, extra: list[str], dim: int) -> dict:
+def run_stage(ws: Workspace, module: str, stage: str, tag: str, extra: list[str], dim: int, steps: int) -> dict:
     name, train_name = f"{stage}-{tag}", f"train-{tag}"
     args = list(extra)
     if stage in ("resume", "dimfw"):
         source = ws.root / "out" / train_name / f"{train_name}-step00000001.safetensors"
         args += ["--network_weights", str(source)] + (["--dim_from_weights"] if stage == "dimfw" else [])
-    r = ws.train(name, module, *args, dim=dim)
+    r = ws.train(name, module, *args, dim=dim, steps=steps)
     got = {"wall_s": r.wall_s, "peak_gib": r.peak_rss_gib, "s_per_it": step_time(r.text)}
     print(f"  {module:16s} {stage:7s} {r.wall_s:7.1f} s  peak {r.peak_rss_gib:5.2f} GiB  "
           f"step {got['s_per_it']} s/it", flush=True)
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--modules", default="networks.lora,networks.lora_x")
     p.add_argument("--stages", default="train,resume,dimfw")
     p.add_argument("--dim", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="training steps per stage (more: a steadier s/it)")
     p.add_argument("--svd_cache", action="store_true", help="give networks.lora_x an svd_cache_dir (warm after train)")
     p.add_argument("--workdir", help="keep the workspace here (default: a temp folder, removed)")
     p.add_argument("--extra", default="", help="more kohya flags, space-separated (e.g. '--full_bf16 --mixed_precision bf16')")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
                 extra = args.extra.split()
                 if module == "networks.lora_x" and args.svd_cache:
                     extra += ["--network_args", f"svd_cache_dir={ws.root / 'svd-cache'}"]
-                table[module][stage] = run_stage(ws, module, stage, f"m{i}", extra, args.dim)
+                table[module][stage] = run_stage(ws, module, stage, f"m{i}", extra, args.dim, args.steps)
         if len(modules) == 2:
             base, test = (table[m] for m in modules)
             print(f"\n{'stage':8s} {modules[0]:>16s} {modules[1]:>16s}  ratio   step ratio  peak ratio")
