@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..formats.hashing import FileHashes
 from .book import JsonBook
 from .tensor_index import stat_key
+from ..lorax.parallel import Background
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
@@ -58,10 +59,6 @@ class ModelHashes:
     file reads release the GIL, so they use cores the module work leaves idle, e.g. at its tail)."""
 
     def __init__(self, src: "Checkpoint", tgt: "Checkpoint", cache_dir: Path | None) -> None:
-        # here, not at the top: the transfer package imports this module, and the cache package must
-        # import on its own (a top-level import of transfer from here is a circular import)
-        from ..transfer.parallel import Background
-
         self._src = Background(lambda: model_hashes(src, cache_dir), "lorax-model-hashes")
         same = src.path.resolve() == tgt.path.resolve()
         self._tgt = self._src if same else Background(lambda: model_hashes(tgt, cache_dir), "lorax-model-hashes")

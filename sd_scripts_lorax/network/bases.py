@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -23,7 +22,7 @@ from ..errors import LoraxInputError
 from ..formats.finite import all_finite
 from ..lorax import Bases, top_bases_batched
 from ..lorax.bases import bases_from_claimed_v
-from ..lorax.lapack import serial_blas
+from ..lorax.parallel import cpu_workers, ordered_map
 from .targets import Target
 
 # Bytes of fp32 weights stacked into one batched SVD call on a GPU (bounds the peak memory of creation).
@@ -78,8 +77,8 @@ def claimed_bases(targets: Iterable[Target], claims: Mapping[str, torch.Tensor])
     jobs = [(t, claims[t.lora_name]) for t in targets if t.lora_name in claims]
     if not jobs:
         return {}
-    with torch.no_grad(), serial_blas(), _one_torch_thread(), ThreadPoolExecutor(_workers()) as pool:
-        found = list(pool.map(lambda job: _claimed_one(*job), jobs))
+    with torch.no_grad(), cpu_workers(torch.device("cpu"), _workers()) as workers:
+        found = list(ordered_map(lambda job: _claimed_one(*job), jobs, workers))
     return {t.lora_name: b for (t, _), b in zip(jobs, found) if b is not None}
 
 
@@ -102,21 +101,11 @@ def _workers() -> int:
     return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_device: str | None) -> list[Bases]:
     """Bases of same-shaped weights.
 
     On the CPU: one weight per task on a thread pool, each task on one thread (LAPACK through scipy
-    releases the GIL; `serial_blas` and one torch thread keep the workers from oversubscribing the
+    releases the GIL; `cpu_workers` runs each on one torch and LAPACK thread, so they do not oversubscribe the
     cores), so the result of each weight does not depend on the number of cores. On a GPU: stacked
     into as few batched calls as memory allows.
     """
@@ -125,8 +114,8 @@ def _batched_bases(weights: list[torch.Tensor], rank: int, method: str, svd_devi
         def one(w: torch.Tensor) -> Bases:
             return top_bases_batched(w.detach().to(device, torch.float32)[None], rank, method)[0].to(w.device)
 
-        with torch.no_grad(), serial_blas(), _one_torch_thread(), ThreadPoolExecutor(_workers()) as pool:
-            return list(pool.map(one, weights))
+        with torch.no_grad(), cpu_workers(device, _workers()) as workers:
+            return list(ordered_map(one, weights, workers))
     per_item = 4 * weights[0].numel()
     step = max(1, _BATCH_BYTES // per_item)
     out: list[Bases] = []

@@ -14,7 +14,7 @@ import fnmatch
 from typing import Callable, Sequence
 
 from ..lorax import Bases, module_similarity
-from .parallel import cpu_workers, ordered_map
+from ..lorax.parallel import cpu_workers, ordered_map
 from .report import FILTERED, MISSING_IN_TARGET, SHAPE_MISMATCH, split_block
 from .sides import CLAIMED_METHOD, Engine, Side, claimed_v, slice_bases
 from .work import Job, Outcome, apply, copy_identical, drop, module_rank, progress_bar, project, similarity

@@ -1,4 +1,4 @@
-"""Running per-module work on threads: a worker count for the CPU, an ordered bounded map, a
+"""Running per-module work on threads (the transfer's modules, the network's bases): a worker count for the CPU, an ordered bounded map, a
 background result. No math and no I/O of its own.
 
 torch, hashlib, file reads and the LAPACK calls of `lorax.lapack` release the GIL, so threads overlap
@@ -15,26 +15,27 @@ from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
 
-from ..lorax.lapack import serial_blas
+from .lapack import serial_blas
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @contextmanager
-def cpu_workers(device: torch.device) -> Iterator[int]:
-    """Workers for the per-module work: torch's CPU threads at entry (each worker then runs torch on one
-    thread, restored afterwards); 1 (serial) on CUDA or with one thread."""
-    n = torch.get_num_threads()
+def cpu_workers(device: torch.device, workers: int | None = None) -> Iterator[int]:
+    """Workers for per-module work: `workers`, else torch's CPU threads at entry; each worker then runs
+    torch and LAPACK on one thread (restored afterwards). 1 (serial) on CUDA or with one worker."""
+    n = workers if workers is not None else torch.get_num_threads()
     if device.type != "cpu" or n <= 1:
         yield 1
         return
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with serial_blas():  # one limit for the whole pool (see serial_blas)
             yield n
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
