@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 # ~/.cache/sd-scripts-lorax/); --dist loadscope keeps each test module on one worker, in order
 # (the kohya stages build on each other).
 test: setup
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q -n 2 --dist loadscope tests
 
 demo: setup

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="training steps per stage (more: a steadier s/it)")
     p.add_argument("--svd_cache", action="store_true", help="give networks.lora_x an svd_cache_dir (warm after train)")
     p.add_argument("--workdir", help="keep the workspace here (default: a temp folder, removed)")
-    p.add_argument("--extra", default="", help="more kohya flags, space-separated (e.g. '--full_bf16 --mixed_precision bf16')")
+    p.add_argument("--extra", default="",
+                   help="more kohya flags, space-separated (e.g. '--full_bf16 --mixed_precision bf16')")
     args = p.parse_args(argv)
     modules, stages = args.modules.split(","), args.stages.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-kohya-") as tmp:

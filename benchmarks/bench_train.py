@@ -66,7 +66,8 @@ def main() -> None:
         if r.returncode != 0 or line is None:
             sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
         results[name] = json.loads(line[6:])
-    print(f"{'variant':28} {'steps/s':>8} {'train s':>8} {'setup s':>8} {'peak RSS MiB':>13} {'tensors':>8} {'file MiB':>9}")
+    print(f"{'variant':28} {'steps/s':>8} {'train s':>8} {'setup s':>8} {'peak RSS MiB':>13} {'tensors':>8} "
+          f"{'file MiB':>9}")
     for name, r in results.items():
         print(f"{name:28} {r['steps_per_s']:8.2f} {r['train_s']:8.1f} {r['setup_s']:8.1f} {r['peak_rss_mib']:13.0f} "
               f"{r['file_tensors']:8d} {r['file_mib']:9.2f}")

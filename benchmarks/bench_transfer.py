@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     warm([src, tgt])
     hash_hot = median_time(lambda: hash_both(src, tgt), k)
     hash_disk = median_time(lambda: hash_both(src, tgt), k, lambda: evict([src, tgt])) if CAN_EVICT else None
-    log(f"    hashing both files (sha256 + addnet, as Checkpoint.hashes(); a cold transfer hashes once, sha256 only, on background threads): "
+    log(f"    hashing both files (sha256 + addnet, as Checkpoint.hashes(); a cold transfer hashes once, "
+        f"sha256 only, on background threads): "
         f"hot {hash_hot:.2f} s, disk {_fmt(hash_disk, '.2f')} s")
     ref = None
     if not args.skip_reference:
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         s = rep.summary()
         projected = sum(1 for m in rep.modules if m.reason != "identical")
         log(f"rank {rank}: hot cold {cold_hot:.2f} s, warm {warm_hot:.2f} s; disk cold {_fmt(cold_disk, '.2f')} s, "
-            f"warm {_fmt(warm_disk, '.2f')} s; {projected} modules projected (one target SVD each; source bases from the LoRA-X file), "
+            f"warm {_fmt(warm_disk, '.2f')} s; {projected} modules projected "
+            f"(one target SVD each; source bases from the LoRA-X file), "
             f"{s['reasons'].get('identical', 0)} identical (copied, no SVD); kept {s['kept']}, "
             f"mean phi {s['mean_phi']:.3f}, energy kept {s['energy_kept']:.3f}")
         rows.append((rank, cold_hot, warm_hot, cold_disk, warm_disk))

@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default 20; small 2)")
     p.add_argument("--modules", type=int, default=None, help="transfer: adapted modules (default: 64; small: all)")
-    p.add_argument("--ranks", type=int, nargs="+", default=None, help="bases/transfer ranks (default 32 320; small 4 8)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="bases/transfer ranks (default 32 320; small 4 8)")
     p.add_argument("--budget_s", type=float, default=480.0, help="skip parts that would start later than this")
     a = p.parse_args(argv)
     a.ranks = a.ranks or ([4, 8] if a.small else [32, 320])
@@ -351,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    doc = {"env": {"device": a.device, "small": a.small, "torch": torch.__version__, "python": platform.python_version(),
-                   "device_name": torch.cuda.get_device_name(0) if a.device == "cuda" else platform.processor() or "cpu",
+    device_name = torch.cuda.get_device_name(0) if a.device == "cuda" else platform.processor() or "cpu"
+    doc = {"env": {"device": a.device, "small": a.small, "torch": torch.__version__,
+                   "python": platform.python_version(), "device_name": device_name,
                    "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                    "ranks": a.ranks, "train_rank": a.train_rank, "steps": a.steps},
            "parts": {}}

@@ -3,8 +3,9 @@
 The key is sha256 over (a cache-format tag, the bases method version and method, rank, and the
 weight's content key = sha256 of its dtype, shape and bytes as stored, see `tensor_index`), so a
 changed weight, dtype, rank or algorithm never hits an old entry, and a caller that already knows
-the content key (from a checkpoint's tensor index) finds the entry without the weight. Entries are written atomically; an unreadable or inconsistent entry is recomputed and
-replaced, never fatal. No math here: computing bases is the caller's `compute` callback.
+the content key (from a checkpoint's tensor index) finds the entry without the weight. Entries are
+written atomically; an unreadable or inconsistent entry is recomputed and replaced, never fatal. No
+math here: computing bases is the caller's `compute` callback.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _load(path: Path, shape: tuple[int, ...], rank: int) -> Bases | None:
     got = (tuple(bases.u.shape), tuple(bases.s.shape), tuple(bases.v.shape))
     finite = all(all_finite(t) for t in (bases.u, bases.s, bases.v))
     if got != want or not finite:
-        log.warning("SVD cache entry %s has shapes %s, expected %s (or non-finite values); recomputing", path, got, want)
+        log.warning("SVD cache entry %s has shapes %s, expected %s (or non-finite values); recomputing",
+                    path, got, want)
         return None
     return bases
 

@@ -255,7 +255,8 @@ def open_clip_to_ldm(shapes: Mapping[str, tuple], component: str, prefix: str, e
         base = f"encoder.layers.{n}."
         oc = f"{prefix}transformer.resblocks.{n}."
         for kind in ("weight", "bias"):
-            plan[f"{oc}attn.in_proj_{kind}"] = Step(tuple(src(f"{base}self_attn.{x}_proj.{kind}") for x in "qkv"), "cat")
+            qkv = tuple(src(f"{base}self_attn.{x}_proj.{kind}") for x in "qkv")
+            plan[f"{oc}attn.in_proj_{kind}"] = Step(qkv, "cat")
             for hf, o in _OC_LAYER.items():
                 plan[f"{oc}{o}.{kind}"] = Step((src(f"{base}{hf}.{kind}"),))
     if "text_projection.weight" in inner:

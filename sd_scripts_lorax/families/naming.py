@@ -179,7 +179,8 @@ class UnetBlockMap:
             any(re.match(r"[12]\.conv\.", s) for s in outputs.get(i * (layers + 1) + layers, set()))
             for i in range(n))
         return cls(_Structure(layers, down_attn, down_sample, up_attn, up_sample,
-                              mid_attn=any(s.startswith("1.") for s in middle) and any(s.startswith("2.") for s in middle)))
+                              mid_attn=(any(s.startswith("1.") for s in middle)
+                                        and any(s.startswith("2.") for s in middle))))
 
     # -- the table
 
@@ -314,8 +315,10 @@ _DIFFUSERS_PREFIXES = {
     "sdxl": [("unet/", "unet", None), ("text_encoder/", "te1", "hf"), ("text_encoder_2/", "te2", "hf")],
 }
 
-_HF_TE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)\.weight")
-_OPEN_CLIP_TE = re.compile(r"resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)")
+_HF_TE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\."
+                    r"(self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)\.weight")
+_OPEN_CLIP_TE = re.compile(r"resblocks\.(\d+)\."
+                           r"(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)")
 _OPEN_CLIP_CHILD = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
                     "mlp.c_proj.weight": "mlp.fc2"}
 # diffusers UNet paths of targetable modules (weights of 2-D/4-D tensors under these blocks)

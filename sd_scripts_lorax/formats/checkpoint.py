@@ -220,7 +220,8 @@ def _component_files(folder: Path) -> list[Path] | None:
     for base in _WEIGHT_BASES:
         candidates += [folder / f"{base}.fp16.safetensors", folder / f"{base}.fp16.safetensors.index.json"]
     for base in _WEIGHT_BASES:
-        candidates += sorted(folder.glob(f"{base}.*.safetensors")) + sorted(folder.glob(f"{base}.*.safetensors.index.json"))
+        candidates += sorted(folder.glob(f"{base}.*.safetensors"))
+        candidates += sorted(folder.glob(f"{base}.*.safetensors.index.json"))
     for cand in candidates:
         if not cand.is_file():
             continue

@@ -7,6 +7,7 @@ from .similarity import Similarity, module_similarity, subspace_similarity
 
 __all__ = [
     "METHOD_VERSION", "METHODS", "Bases", "choose_method", "top_bases", "top_bases_batched",
-    "d_from_factors", "delta_from_factors", "delta_norm", "energy_in_subspace", "factors_fit", "flatten_weight", "lorax_factors",
+    "d_from_factors", "delta_from_factors", "delta_norm", "energy_in_subspace", "factors_fit", "flatten_weight",
+    "lorax_factors",
     "project_factors", "Similarity", "module_similarity", "subspace_similarity",
 ]

@@ -1,5 +1,5 @@
-"""Running per-module work on threads (the transfer's modules, the network's bases): a worker count for the CPU, an ordered bounded map, a
-background result. No math and no I/O of its own.
+"""Running per-module work on threads (the transfer's modules, the network's bases): a worker count
+for the CPU, an ordered bounded map, a background result. No math and no I/O of its own.
 
 torch, hashlib, file reads and the LAPACK calls of `lorax.lapack` release the GIL, so threads overlap
 the real work; results come back in input order so outputs do not depend on scheduling.

@@ -75,7 +75,8 @@ class LoraXModule(nn.Module):
         if dtype is None:
             dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2 else torch.float32
         device = weight.device if weight.device.type != "meta" or bases is None else bases.u.device
-        self.register_buffer("down_buf", torch.empty(rank, *weight.shape[1:], device=device, dtype=dtype), persistent=False)
+        self.register_buffer("down_buf", torch.empty(rank, *weight.shape[1:], device=device, dtype=dtype),
+                             persistent=False)
         self.register_buffer("u_buf", torch.empty(weight.shape[0], rank, device=device, dtype=dtype), persistent=False)
         self._pending = True
         self._resolve: list[Callable[[], None] | None] = [resolve]  # a list: not an attribute nn.Module tracks

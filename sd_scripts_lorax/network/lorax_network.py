@@ -29,10 +29,9 @@ from .bases import check_finite, claimed_bases, compute_bases, disabled_autocast
 from .layer import LoraXModule
 from .targets import (TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, Target, find_targets,  # noqa: F401 (re-exported)
                       text_encoder_parts, unet_naming)
+from .options import DEFAULT_RANK, KNOWN_ARGS, NetworkOptions, parse_options  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-from .options import DEFAULT_RANK, KNOWN_ARGS, NetworkOptions, parse_options  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------- network

@@ -58,7 +58,10 @@ def unet_naming(unet: nn.Module) -> tuple[str, UnetBlockMap | None]:
         return "sd1", None  # already SAI-style paths: use them as they are
     config = getattr(unet, "config", None)
     # diffusers' config is a dict (FrozenDict); kohya's own SD1/2 UNet keeps a types.SimpleNamespace
-    embed = config.get("addition_embed_type") if isinstance(config, Mapping) else getattr(config, "addition_embed_type", None)
+    if isinstance(config, Mapping):
+        embed = config.get("addition_embed_type")
+    else:
+        embed = getattr(config, "addition_embed_type", None)
     if embed == "text_time":
         return "sdxl", UnetBlockMap.from_diffusers_config(config)
     return "sd1", None

@@ -5,7 +5,8 @@
 loads offline. `derive_fixture` writes a "fine-tune" of an existing fixture. Tensors are made and
 written one at a time (full-size models never sit in memory whole).
 
-    python -m sd_scripts_lorax.testing.fixtures --family sd15 --layout single_file --size tiny --seed 0 --out m.safetensors
+    python -m sd_scripts_lorax.testing.fixtures --family sd15 --layout single_file --size tiny --seed 0 \
+        --out m.safetensors
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ def _dtype_from_st(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sd_scripts_lorax.testing.fixtures", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sd_scripts_lorax.testing.fixtures",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=["sd15", "sd2", "sdxl"])
     p.add_argument("--layout", choices=["single_file", "diffusers"], default="single_file")
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")

@@ -24,7 +24,7 @@ DEFAULT_WORDS = (
 
 def _byte_symbols() -> list[str]:
     """CLIP's reversible byte -> printable-unicode table (the same table GPT-2 uses)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -48,7 +48,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     # model
-    Option("pretrained_model_name_or_path", str, None, "base model: single .safetensors file or diffusers folder", path=True),
+    Option("pretrained_model_name_or_path", str, None, "base model: single .safetensors file or diffusers folder",
+           path=True),
     Option("vae", str, None, "replacement VAE (diffusers folder or single file)", path=True),
     Option("tokenizer_cache_dir", str, None,
            "folder with CLIP tokenizers saved as <hub id with / -> _> (full-size single files, offline)", path=True),

@@ -65,7 +65,8 @@ def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, tuple[type, ...]
             continue
         types = allowed[k]
         if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-            raise LoraxInputError(f"{where}: key {k!r} has a bad value {v!r}; expected {'/'.join(t.__name__ for t in types)}")
+            expected = "/".join(t.__name__ for t in types)
+            raise LoraxInputError(f"{where}: key {k!r} has a bad value {v!r}; expected {expected}")
         out[k] = v
     return out
 

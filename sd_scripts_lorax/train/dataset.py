@@ -63,7 +63,8 @@ def read_caption(image: Path, subset: SubsetSpec) -> str:
             return text[0].strip()
     if subset.class_tokens:
         return subset.class_tokens
-    raise LoraxInputError(f"{image}: no caption ({cap.name} missing or empty) and no class_tokens for {subset.image_dir}")
+    raise LoraxInputError(f"{image}: no caption ({cap.name} missing or empty) "
+                          f"and no class_tokens for {subset.image_dir}")
 
 
 def scan_subset(subset: SubsetSpec, bucket_fn: Callable[[tuple[int, int]], tuple[int, int]]) -> list[ImageItem]:

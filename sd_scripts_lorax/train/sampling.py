@@ -48,7 +48,8 @@ def read_prompts(path: str | Path, default_size: int) -> list[SamplePrompt]:
         raise LoraxInputError(f"{path}: sample_prompts file not found")
     if path.suffix.lower() != ".txt":
         raise LoraxInputError(f"{path}: only .txt sample prompt files are supported")
-    prompts = [p for p in (parse_prompt_line(l, default_size) for l in path.read_text(encoding="utf-8").splitlines()) if p]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    prompts = [p for p in (parse_prompt_line(line, default_size) for line in lines) if p]
     if not prompts:
         raise LoraxInputError(f"{path}: no prompts")
     return prompts

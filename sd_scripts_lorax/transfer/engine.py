@@ -14,11 +14,13 @@ checkpoints. Per module:
 - phi = min(phi_U, phi_V) >= threshold -> ``up = U_t C``, ``down = V_t^T``, ``alpha = r`` with
   ``C = (U_t^T up_s)(down_s V_t)``: the output is itself a LoRA-X adapter of the target.
 
-Speed: the modules run on a pool of torch.get_num_threads() workers (`parallel`: one torch thread
-each, results applied in module order, so outputs, reports and caches equal a serial run's); the
-model hashes for the metadata run meanwhile on background threads (`model_hashes`). With an SVD cache folder, a per-checkpoint tensor
-index (`tensor_index`), the bases (`svd_cache`, by content key) and the phi values (`phi_cache`) are
-remembered, so a warm run reads no checkpoint tensor: only the LoRA, the index and the target bases.
+Speed: the modules run on a pool of torch.get_num_threads() workers (`lorax.parallel`: one torch
+thread each, results applied in module order, so outputs, reports and caches equal a serial run's);
+the model hashes for the metadata run meanwhile on background threads (`cache.model_hashes`). With an
+SVD cache folder, a per-checkpoint tensor index (`tensor_index`), the bases (`svd_cache`, by content
+key) and the phi values (`phi_cache`) are remembered, so a warm run reads no checkpoint tensor: only
+the LoRA, the index and the target bases. The per-module work is `work.py`, the pairing `matching.py`,
+the caches' side `sides.py`.
 
 Everything is validated (`transfer_inputs`) before any output is written; outputs, reports and plots are written
 as one unit (`outputs.OutputSet`), so a failure or Ctrl-C leaves nothing behind.
@@ -188,7 +190,8 @@ def transfer(loras: str | os.PathLike | Sequence[str | os.PathLike],
         same = src.path.resolve() == tgt.path.resolve()
         t_index = s_index if same else TensorIndex.load(cache_dir, tgt.path)
         eng = Engine(src=Weights(src, s_index), tgt=Weights(tgt, t_index), cache_dir=cache_dir,
-                      phi=load_phi_book(cache_dir), norms=load_norm_book(cache_dir), device=dev, dtype=PRECISIONS[precision],
+                      phi=load_phi_book(cache_dir), norms=load_norm_book(cache_dir), device=dev,
+                      dtype=PRECISIONS[precision],
                       threshold=float(threshold))
         MATCHERS[match](jobs, eng, filters, progress)
         for index in (eng.src.index, eng.tgt.index):

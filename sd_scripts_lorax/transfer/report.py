@@ -257,8 +257,8 @@ def plot_heatmap(report: TransferReport, path: str | Path) -> Path:
         ax.set_xticks(range(len(leaves)), leaves, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
         # mark the threshold so dropped cells stand out
-        for i, b in enumerate(blocks):
-            for j, leaf in enumerate(leaves):
+        for i in range(len(blocks)):
+            for j in range(len(leaves)):
                 v = grid[i][j]
                 if not math.isnan(v) and v < report.threshold:
                     ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=6)

@@ -94,12 +94,12 @@ def full_index(request):
 
 def test_full_size_counts_and_layouts_agree(full_index):
     family, out = full_index
-    (s_shapes, single), (d_shapes, diff) = out["single_file"], out["diffusers"]
+    (_, single), (_, diff) = out["single_file"], out["diffusers"]
     counts = Counter((r.part, r.group) for r in single.values())
     for k, n in EXPECTED[family].items():
         assert counts[k] == n, (family, k, counts)
     assert set(single) == set(diff)
-    for layout, (shapes, index) in out.items():
+    for shapes, index in out.values():
         for name, ref in index.items():
             assert ref.lora_name == name and part_of(name) == ref.part
             stored = shapes[ref.key]

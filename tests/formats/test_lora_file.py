@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sd_scripts_lorax import FORMAT_VERSION
@@ -344,9 +344,11 @@ def test_diffusers_loads_file_as_kohya_lora(tmp_path, tiny_sd1, variant):
     models = tiny_sd1[0]
     g = torch.Generator().manual_seed(3)
     unet_paths = {
-        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q":
+            ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4),
         "lora_unet_down_blocks_1_attentions_0_proj_in": ("down_blocks.1.attentions.0.proj_in", 4),
-        "lora_unet_up_blocks_2_attentions_1_transformer_blocks_0_attn2_to_v": ("up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v", 4),
+        "lora_unet_up_blocks_2_attentions_1_transformer_blocks_0_attn2_to_v":
+            ("up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v", 4),
     }
     te_paths = {f"lora_te_text_model_encoder_layers_0_{k}": (f"encoder.layers.0.{p}", 4)
                 for k, p in (("self_attn_q_proj", "self_attn.q_proj"), ("self_attn_out_proj", "self_attn.out_proj"),
@@ -399,7 +401,8 @@ def _golden_cases():
              for x, dt in zip(m, (torch.float16, torch.bfloat16, torch.float32, torch.float64))]
     g = torch.Generator().manual_seed(1)
     big = [LoraModule("lora_unet_x", torch.randn(64, 3000, generator=g), torch.randn(3000, 64, generator=g), 64.0),
-           LoraModule("lora_te_y", torch.randn(8, 700, generator=g).half(), torch.randn(700, 8, generator=g).half(), 3.0)]
+           LoraModule("lora_te_y", torch.randn(8, 700, generator=g).half(), torch.randn(700, 8, generator=g).half(),
+                      3.0)]
     return {
         "plain": (modules(), META, {}),
         "fp16": (modules(), META, {"dtype": torch.float16}),
@@ -481,7 +484,8 @@ def test_reader_reads_in_place_and_matches_library(tmp_path, monkeypatch):
     assert got.modules["lora_unet_b"].alpha == 3.0 and got.modules["lora_unet_a"].alpha == 4.0
     assert got.metadata == {"ss_k": "é"}
     # separate storages: dropping one tensor frees it
-    assert got.modules["lora_unet_a"].down.untyped_storage().data_ptr() != got.modules["lora_unet_a"].up.untyped_storage().data_ptr()
+    mod = got.modules["lora_unet_a"]
+    assert mod.down.untyped_storage().data_ptr() != mod.up.untyped_storage().data_ptr()
 
 
 def _rewrite_header(src, dst, edit):
@@ -515,7 +519,7 @@ def test_reader_refuses_what_the_library_refuses(tmp_path):
 
     for name, edit in (("gap", gap), ("shape", shape), ("meta", meta), ("overlap", overlap)):
         bad = _rewrite_header(good, tmp_path / f"{name}.safetensors", edit)
-        with pytest.raises(Exception):
+        with pytest.raises(SafetensorError):
             load(bad.read_bytes())  # the library refuses it too
         with pytest.raises(LoraxInputError, match=rf"{name}.safetensors: truncated or corrupt safetensors file"):
             read_lora(bad)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sd_scripts_lorax.errors import LoraxInputError, cli_errors
-from sd_scripts_lorax.formats.lora_file import LoraModule, read_lora, write_lora
+from sd_scripts_lorax.formats.lora_file import read_lora
 from sd_scripts_lorax.tools.inspect import inspect_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,11 +63,11 @@ def test_unsafe_pickle_refusal_is_whole_and_names_the_object(tmp_path):
 
 def test_cli_warnings_are_one_line(capsys):
     with cli_errors():
-        warnings.warn("a: first\nsecond half of the same warning", UserWarning)
+        warnings.warn("a: first\nsecond half of the same warning", UserWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err == "warning: a: first\nsecond half of the same warning\n"
     with cli_errors():
-        warnings.warn("b", UserWarning)
+        warnings.warn("b", UserWarning, stacklevel=1)
     assert capsys.readouterr().err.splitlines() == ["warning: b"]
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace, factors_fit,
-                                    flatten_weight, lorax_factors, module_similarity, project_factors,
+from sd_scripts_lorax.lorax import (Bases, d_from_factors, delta_from_factors, delta_norm, energy_in_subspace,
+                                    factors_fit, flatten_weight, lorax_factors, module_similarity, project_factors,
                                     subspace_similarity, top_bases, top_bases_batched)
 from sd_scripts_lorax.lorax.bases import choose_method
 

@@ -215,7 +215,7 @@ def test_base_weights_and_dim_from_weights(family: str, tmp_path) -> None:
     assert set(weights_sd) == set(sd)
     untouched = [p.detach().clone() for p in unet.parameters()]
     net.merge_to(te, unet, weights_sd, torch.float32, "cpu")
-    for name, (want, w) in expected.items():
+    for want, w in expected.values():
         torch.testing.assert_close(w.detach().double(), want, rtol=1e-5, atol=1e-5)  # full update, not projected
     changed = sum(not torch.equal(a, b) for a, b in zip(untouched, unet.parameters()))
     assert changed == sum(1 for m in chosen if m.lora_name.startswith("lora_unet"))

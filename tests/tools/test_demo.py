@@ -73,7 +73,8 @@ def test_identical_adapters_share_one_cosine_one(setup):
 
 def test_loss_is_mse_against_the_fixed_noise(setup):
     data, pred = setup["data"], setup["preds"]["none"]
-    manual = sum(float(((pred[i].double() - data.noise[i].double()) ** 2).sum()) for i in range(len(data))) / pred.numel()
+    squared = sum(float(((pred[i].double() - data.noise[i].double()) ** 2).sum()) for i in range(len(data)))
+    manual = squared / pred.numel()
     assert evaluate.denoising_loss(pred, data) == pytest.approx(manual, rel=1e-9)
     assert evaluate.denoising_loss(data.noise, data) == 0.0
 

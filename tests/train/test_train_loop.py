@@ -168,7 +168,8 @@ def test_feature_flags_together(tmp_path):
                  "1", "--gradient_accumulation_steps", "2", "--cache_latents_to_disk", "--train_data_dir",
                  str(data), "--caption_extension", ".txt", "--resolution", "64", "--enable_bucket",
                  "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--flip_aug", "--min_snr_gamma", "5",
-                 "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.5", "--output_name", "ff", "--train_batch_size", "4")
+                 "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.5", "--output_name", "ff",
+                 "--train_batch_size", "4")
     args.update(network_train_unet_only=False, dataset_config=None)  # a TOML store_true cannot be unset on the CLI
     res = run_training(args)
     # 8 images x 2 repeats / batch 4 = 4 batches per epoch, 2 per update -> 2 steps per epoch

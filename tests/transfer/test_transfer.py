@@ -554,7 +554,8 @@ def test_parallel_and_serial_give_identical_bytes(tmp_path, monkeypatch, tiny_sd
         torch.set_num_threads(threads)
         try:
             d = tmp_path / f"t{threads}"
-            _run(lora, tiny_sd1_single, tiny_sd1_single_derived, d.with_suffix(".safetensors"), d, d.with_suffix(".json"),
+            _run(lora, tiny_sd1_single, tiny_sd1_single_derived, d.with_suffix(".safetensors"), d,
+                 d.with_suffix(".json"),
                  match=match)
             assert _doc(d.with_suffix(".json"))["summary"]["modules"] > 100
             assert torch.get_num_threads() == threads  # restored after the pool
@@ -566,7 +567,8 @@ def test_parallel_and_serial_give_identical_bytes(tmp_path, monkeypatch, tiny_sd
     # warm (either match mode): no checkpoint tensor read, same bytes
     reads = _count_reads(monkeypatch)
     d = tmp_path / "t2"
-    _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "w.safetensors", d, tmp_path / "w.json", match=match)
+    _run(lora, tiny_sd1_single, tiny_sd1_single_derived, tmp_path / "w.safetensors", d, tmp_path / "w.json",
+         match=match)
     assert reads[0] == 0
     assert (tmp_path / "w.safetensors").read_bytes() == outs[1][0] and _doc(tmp_path / "w.json") == outs[1][1]
 

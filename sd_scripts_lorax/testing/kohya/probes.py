@@ -82,7 +82,8 @@ def merge(checkpoint: str, lora_file: str, chunk: int = 24) -> dict:
         part = names[start:start + chunk]
         part_sd = {k: v for k, v in weights_sd.items() if k.split(".")[0] in part}
         before = {n: layers[n].weight.detach().clone() for n in part}
-        kohya_net, _ = lora.create_network_from_weights(1.0, None, vae, te, unet, weights_sd=part_sd, for_inference=True)
+        kohya_net, _ = lora.create_network_from_weights(1.0, None, vae, te, unet, weights_sd=part_sd,
+                                                        for_inference=True)
         kohya_net.merge_to(te, unet, part_sd, torch.float32, "cpu")
         kohya_delta = {n: layers[n].weight.detach() - before[n] for n in part}
         for n in part:
@@ -107,7 +108,8 @@ def merge(checkpoint: str, lora_file: str, chunk: int = 24) -> dict:
                 worst, worst_name = err, n
         del before, kohya_delta, kohya_net
     return {"modules": count, "file_modules": len({k.split(".")[0] for k in weights_sd}),
-            "max_err_over_tol": worst, "worst_module": worst_name, "max_rel_err": rel, "dims": {str(k): v for k, v in kinds.items()},
+            "max_err_over_tol": worst, "worst_module": worst_name, "max_rel_err": rel,
+            "dims": {str(k): v for k, v in kinds.items()},
             "load_info": {k: v for k, v in info.items() if k in ("loaded", "lorax", "energy_kept", "missing")}}
 
 
