@@ -241,5 +241,11 @@ def test_cli_bad_inputs_one_line_no_file(tmp_path, tiny_sd1_diffusers, tiny_sd1_
     refused(cli(*base, "--lora", xl, "--target_model", tiny_sd1_diffusers_derived), "xl.safetensors")
     refused(cli("--lora", tagged, "--source_model", tiny_sd1_diffusers, "--target_model",
                 tiny_sd1_diffusers_derived, "--save_to", out, "--steps", "5"), "--steps", "distill")
+    # outputs are checked like the projection's (transfer/outputs.py): no clash with each other or an input
+    refused(cli(*base, "--lora", tagged, "--target_model", tiny_sd1_diffusers_derived, "--report", out),
+            "--save_to and --report", "same file")
+    refused(cli("--method", "distill", "--source_model", tiny_sd1_diffusers, "--lora", tagged, "--target_model",
+                tiny_sd1_diffusers_derived, "--save_to", tagged, "--overwrite", *FAST_FLAGS),
+            "tagged.safetensors", "--lora file")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "no_te", "tagged.safetensors", "untagged.safetensors", "xl.safetensors"]

@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 import torch
 
 from ...errors import LoraxInputError
-from ...formats.atomic import atomic_write, check_writable
 from ...formats.lora_file import read_lora, write_lora
 from ..engine import transfer
 from ..inputs import SAVE_PRECISIONS, check_options, output_paths
+from ..outputs import OutputSet
 from ..report import TRANSFERRED, plot_heatmap
 from . import models as dmodels
 from .adapter import Adapter
@@ -148,9 +148,13 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
             raise LoraxInputError(f"{p}: {what} not found")
     out = None if dry_run else output_paths([lora], save_to, target.name)[0]
     extra_plot = loss_plot_path(plot_path) if plot_path is not None else None
-    for p in (out, report_path, plot_path, extra_plot):
+    # every output checked against the inputs and each other before any work, written as one unit
+    outputs = OutputSet(overwrite)
+    for p, what in ((lora, "--lora"), (source, "--source_model"), (target, "--target_model")):
+        outputs.input(p, what)
+    for p, what in ((out, "--save_to"), (report_path, "--report"), (plot_path, "--plot"), (extra_plot, "--plot")):
         if p is not None:
-            check_writable(p, overwrite)
+            outputs.add(p, what)
     src_file = read_lora(lora)
     prompts: PromptSets = resolve(src_file.metadata, lora, opts.prompts_file)
     _precheck_model(source, "source")
@@ -237,16 +241,17 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
                     "fit": round(t_fit - t_teacher, 2), "total": round(t_end - t_start, 2)}
     if out is not None:
         rep.output = str(out)
-        write_lora(out, new_modules, meta, dtype=dtype, overwrite=overwrite)
-    if report_path is not None:
-        doc = rep.to_json()
-        doc["summary"]["method"] = "distill"
-        doc["distill"] = drep.to_json()
-        with atomic_write(report_path) as tmpf:
-            tmpf.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    if plot_path is not None:
-        plot_heatmap(rep, plot_path)
-        plot_loss(drep, extra_plot)
+    doc = rep.to_json()
+    doc["summary"]["method"] = "distill"
+    doc["distill"] = drep.to_json()
+    with outputs.writing():
+        if out is not None:
+            outputs.stage(out, lambda tmp: write_lora(tmp, new_modules, meta, dtype=dtype, overwrite=True))
+        if report_path is not None:
+            outputs.stage(report_path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n"))
+        if plot_path is not None:
+            outputs.stage(plot_path, lambda tmp: plot_heatmap(rep, tmp))
+            outputs.stage(extra_plot, lambda tmp: plot_loss(drep, tmp))
     return rep, drep
 
 
@@ -290,7 +295,6 @@ def plot_loss(d: DistillReport, path: str | os.PathLike) -> Path:
     ax.set_title(f"held-out match error (vs no adapter = 1): projection {d.match_error_before:.3f} -> "
                  f"distill {d.match_error_after:.3f}{copy}", fontsize=8)
     ax.legend(fontsize=8)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")  # the caller stages `path` (OutputSet)
     plt.close(fig)
     return path
