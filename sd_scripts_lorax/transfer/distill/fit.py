@@ -21,17 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .options import DistillOptions
 from .teacher import MatchSet, _autocast, _pick
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    steps: int = 300
-    lr: float = 5e-3
-    batch_size: int = 8
-    keep_weight: float = 1.0
-    seed: int = 0
-    precision: str = "float"
 
 
 @dataclass
@@ -54,7 +45,7 @@ def _term(model, s: MatchSet, idx: torch.Tensor, cond, precision: str) -> torch.
     return F.mse_loss(pred, s.y[idx].to(dev))
 
 
-def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: FitConfig, te_trained: bool,
+def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: DistillOptions, precision: str, te_trained: bool,
         progress: Callable[[int, float], None] | None = None) -> FitResult:
     """Run `cfg.steps` Adam steps on `adapter.parameters()`; returns the loss curves."""
     res = FitResult()
@@ -70,12 +61,12 @@ def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: FitConfig, 
     for step in range(cfg.steps):
         cm = fixed_m if fixed_m is not None else _conds(model, match.prompts, True)
         idx = torch.randint(0, len(match), (min(cfg.batch_size, len(match)),), generator=gen)
-        lm = _term(model, match, idx, cm, cfg.precision)
+        lm = _term(model, match, idx, cm, precision)
         loss = lm
         if use_keep:
             ck = fixed_k if fixed_k is not None else _conds(model, keep.prompts, True)
             kidx = torch.randint(0, len(keep), (min(cfg.batch_size, len(keep)),), generator=gen)
-            loss = lm + cfg.keep_weight * _term(model, keep, kidx, ck, cfg.precision)
+            loss = lm + cfg.keep_weight * _term(model, keep, kidx, ck, precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -35,7 +35,7 @@ from ..report import TRANSFERRED, plot_heatmap
 from . import models as dmodels
 from .adapter import Adapter
 from .options import DistillOptions
-from .fit import FitConfig, fit, mse, predict, relative
+from .fit import fit, mse, predict, relative
 from .prompts import PromptSets, resolve
 from .teacher import MatchSet, SetSpec, build_set, cache_key, load_cached, store
 
@@ -199,7 +199,6 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
     keep_before = predict(tgt, held_k, precision) if held_k is not None and len(held_k) else None
 
     # 4. the fit
-    cfg = FitConfig(opts.steps, float(opts.lr), opts.batch_size, float(opts.keep_weight), opts.seed, precision)
     te_trained = any(n.startswith("lora_te") for n in trained)
     bar = None
     if progress:
@@ -207,7 +206,7 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
 
         bar = tqdm(total=opts.steps, desc="distill", unit="step", dynamic_ncols=True)
     torch.manual_seed(opts.seed)
-    result = fit(tgt, adapter, train_m, train_k, cfg, te_trained,
+    result = fit(tgt, adapter, train_m, train_k, opts, precision, te_trained,
                  progress=(lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4g}"))) if bar else None)
     if bar is not None:
         bar.close()
