@@ -1,13 +1,15 @@
 """sd-scripts-lorax: LoRA-X (ICLR 2025) for kohya-ss sd-scripts.
 
-Library layout (see docs/architecture.md):
-  lorax/        pure tensor math (bases, similarity, projection)
-  modules.py    LoRA-X wrappers for Linear and Conv2d
-  naming.py     kohya names <-> module paths <-> checkpoint keys
-  checkpoint.py lazy checkpoint reading, family detection, hashes
-  lora_file.py  kohya LoRA(-X) file reading and writing
-  transfer.py   the training-free transfer pipeline and its report
-  train/        the trainer's parts
+One package per job (the full map, module by module: docs/architecture.md):
+  lorax/      the math, no I/O: bases, factors, similarity, worker threads
+  families/   every SD1/SD2/SDXL fact: registry, detection, names, key layouts, architectures
+  formats/    bytes on disk, no math: safetensors, pickles, checkpoints, LoRA files, hashes, writes
+  cache/      everything under --svd_cache_dir
+  network/    the kohya network module (networks/lora_x.py re-exports it)
+  transfer/   the transfer: engine, matching and transfer methods (project, distill), outputs, report
+  train/      the trainer behind train_network_lorax.py
+  tools/      inspect, the demo and its metrics
+  testing/    fixtures, the offline tokenizer, the embedded demo pair, kohya's real trainers
 """
 
 __version__ = "0.1.0"
