@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transfer a module only if its subspace similarity phi >= this (default 0.8)")
     p.add_argument("--filter_blocks", nargs="+", default=[], metavar="PATTERN",
                    help="fnmatch globs on kohya module names never transferred, e.g. 'lora_te_*' '*attn2*'")
-    p.add_argument("--match", choices=["name", "similarity"], default="name",
-                   help="pair modules by name (default) or by subspace similarity (distilled targets)")
+    from sd_scripts_lorax.transfer.matching import MATCHERS
     from sd_scripts_lorax.transfer.methods import METHODS, add_distill_arguments
+
+    p.add_argument("--match", choices=list(MATCHERS), default="name",
+                   help="pair modules by name (default) or by subspace similarity (distilled targets)")
 
     p.add_argument("--method", choices=list(METHODS), default="project",
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (default project)")
