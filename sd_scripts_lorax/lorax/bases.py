@@ -8,7 +8,9 @@ column flipped with it), so the same weights always give the same bases:
 - "gram": eigen-decomposition of the smaller Gram matrix (W W^T or W^T W) in float64, then the
   other factor by one matmul, orthonormalised by a QR (which also completes the basis where
   singular values are zero). On the CPU only the r wanted eigenpairs are computed (LAPACK's MRRR
-  through scipy), so the cost falls with r. Tolerance vs "exact": the projectors U U^T and V V^T agree to
+  through scipy), so the cost falls with r; at small rank (r + p <= m / 20, m >= 512) a float32 Gram
+  and Lanczos give a start that a float64 Rayleigh-Ritz step must certify to half the tolerances
+  below (`mixed_gram`), else the float64 path runs. Tolerance vs "exact": the projectors U U^T and V V^T agree to
   ||P_gram - P_exact||_F / sqrt(r) < 1e-4 and singular values to 1e-5 relative (of s_max) whenever
   the spectrum is not degenerate at r (s_r - s_{r+1} > 1e-3 s_max); the float64 Gram matrix keeps
   singular values down to ~1e-7 s_max, which float32 SVD itself does not beat.
@@ -34,19 +36,19 @@ functions here are safe to call from several threads).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from ..formats.finite import all_finite
 from .lapack import gram_upper, serial_blas, top_eigh
+from .mixed_gram import mixed_pays, top_eigh_mixed
+from .ritz import serial_lapack  # noqa: F401 (re-exported: callers import it from here)
 
 METHODS = ("auto", "exact", "gram", "randomized")
 # Part of the SVD cache key: bump when the numbers a method returns change.
-METHOD_VERSION = "bases-v2"
+METHOD_VERSION = "bases-v3"
 
 _GRAM_MAX_DIM = 4096
 _RANDOMIZED_MAX_FRACTION = 8
@@ -142,25 +144,6 @@ def _check_finite(w: Tensor) -> None:
     raise ValueError(f"top_bases: weight of shape {tuple(w.shape[1:])} contains {what}")
 
 
-@contextmanager
-def serial_lapack(w: Tensor) -> Iterator[None]:
-    """Run the enclosed CPU factorizations (eigh, QR, small SVDs) on one thread, then restore.
-
-    MKL's multi-threaded eigh/QR synchronise at every panel; on a busy 2-core machine each barrier
-    waits for a descheduled thread and they run 10-100x slower than on one thread (eigh of a
-    640 x 640 float64 matrix: 14 s on 2 threads, 0.09 s on 1, measured here). GEMMs keep all threads.
-    """
-    if w.device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _exact(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[..., :r], s[..., :r], vh[..., :r, :].transpose(-2, -1)
@@ -186,41 +169,47 @@ def _orthonormal_factor(wt_x: Tensor, s: Tensor) -> Tensor:
 
 
 def _gram(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    w64 = w.to(torch.float64)
     out, n = w.shape[-2:]
-    wt = w64.transpose(-2, -1)
     small_side_is_u = out <= n
     if w.device.type == "cpu":
-        evecs, evals = _top_eigh_cpu(w64, r, small_side_is_u)
+        evecs, evals, other = _top_eigh_cpu(w, r, small_side_is_u)
     else:
+        w64 = w.to(torch.float64)
+        wt = w64.transpose(-2, -1)
         gram = w64 @ wt if small_side_is_u else wt @ w64
         evals, evecs = torch.linalg.eigh(gram)  # ascending
         evals, evecs = evals.flip(-1)[..., :r], evecs.flip(-1)[..., :r]
+        other = wt @ evecs if small_side_is_u else w64 @ evecs
     s = evals.clamp_min(0).sqrt()
-    if small_side_is_u:
-        u = evecs
-        v = _orthonormal_factor(wt @ u, s)
-    else:
-        v = evecs
-        u = _orthonormal_factor(w64 @ v, s)
-    return u, s, v
+    factor = _orthonormal_factor(other, s)
+    return (evecs, s, factor) if small_side_is_u else (factor, s, evecs)
 
 
-def _top_eigh_cpu(w64: Tensor, r: int, small_side_is_u: bool) -> tuple[Tensor, Tensor]:
-    """Top-r eigenpairs (descending) of the smaller Gram matrix of each (out, n) float64 matrix.
+def _top_eigh_cpu(w: Tensor, r: int, small_side_is_u: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-r eigenpairs (descending) of the smaller Gram matrix of each float32 (out, n) matrix, and
+    the other side's unnormalised factor (W^T U or W V), all float64.
 
-    LAPACK through scipy's library (`lapack.py`, GIL released), one thread: the Gram by syrk (half the
-    flops of a matmul) on the transposed view (no copy), then only the r wanted eigenpairs by MRRR
-    (dsyevr), which skips the full back-transformation: 1.5-4x faster than torch's full syevd for the
-    ranks LoRA uses.
+    LAPACK through scipy's library (`lapack.py`, GIL released), one thread. At small rank
+    (`mixed_gram.mixed_pays`) a float32 Gram and eigensolver, certified by a float64 Rayleigh-Ritz
+    step (`mixed_gram`; its products give the other factor too); otherwise, or where its certificate
+    fails, the float64 Gram by syrk (half the flops of a matmul) on the transposed view (no copy),
+    then only the r wanted eigenpairs by MRRR (dsyevr), which skips the full back-transformation:
+    1.5-4x faster than torch's full syevd for the ranks LoRA uses.
     """
-    vecs, vals = [], []
+    vecs, vals, others = [], [], []
+    m, big = min(w.shape[-2:]), max(w.shape[-2:])
     with serial_blas():
-        for a in w64.numpy():                      # (out, n), C order
-            lam, x = top_eigh(gram_upper(a, small_side_is_u), r)
-            vals.append(torch.from_numpy(lam[::-1].copy()))
-            vecs.append(torch.from_numpy(x[:, ::-1].copy()))
-    return torch.stack(vecs), torch.stack(vals)
+        for a32 in w:                               # (out, n)
+            got = top_eigh_mixed(a32, r, small_side_is_u) if mixed_pays(m, big, r) else None
+            if got is None:
+                a64 = a32.to(torch.float64)
+                lam, x = top_eigh(gram_upper(a64.numpy(), small_side_is_u), r)
+                x = torch.from_numpy(x[:, ::-1].copy())
+                got = x, torch.from_numpy(lam[::-1].copy()), (a64.T @ x if small_side_is_u else a64 @ x)
+            vecs.append(got[0])
+            vals.append(got[1])
+            others.append(got[2])
+    return torch.stack(vecs), torch.stack(vals), torch.stack(others)
 
 
 def _test_matrix(batch: int, n: int, k: int, device: torch.device) -> Tensor:

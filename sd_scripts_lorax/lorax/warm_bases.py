@@ -50,21 +50,14 @@ import torch
 from torch import Tensor
 
 from ..formats.finite import all_finite
-from .bases import Bases, _fix_signs, _orthonormal_factor, serial_lapack, top_bases
+from .bases import Bases, _fix_signs, _orthonormal_factor, top_bases
+from .ritz import PROJECTOR_TOL, SINGULAR_TOL, certificate, gaussian, orth, outside_energy, ritz
 
 # SVD-cache method tag of warm-started bases (see transfer.engine._Engine.target_bases)
 CACHE_METHOD = "warm-v1"
-# Half the gram-vs-exact tolerances stated in `bases` (projector 1e-4, singular values 1e-5 of s_max).
-PROJECTOR_TOL = 5e-5
-SINGULAR_TOL = 5e-6
-# The documented non-degeneracy condition of `bases`: s_r - s_{r+1} > GAP_FLOOR * s_max.
-GAP_FLOOR = 1e-3
 
 _MAX_ITERS = 10          # float32 steps
 _F64_STEPS = 2           # float64 steps (certify after each)
-_PROBE_COLUMNS = 8
-_PROBE_ITERS = 2
-_SEED = 20250125
 _PAY_FRACTION = 8        # warm start only while k = r + p <= m / 8 ...
 _PAY_MIN_DIM = 1024      # ... on square-ish layers at least this wide (see warm_start_pays)
 
@@ -89,59 +82,6 @@ def warm_start_pays(out: int, n: int, rank: int) -> bool:
             and (r + oversample(r)) * _PAY_FRACTION <= m)
 
 
-def _gaussian(rows: int, cols: int, device: torch.device, salt: int = 0) -> Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(_SEED + salt)
-    return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device)
-
-
-def _orth(x: Tensor) -> Tensor:
-    with serial_lapack(x):
-        return torch.linalg.qr(x)[0]
-
-
-def _ritz(y: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz of W^T W on span(x) from y = W x, z = W^T y: (theta desc, C, residual norms), float64."""
-    h = (y.T @ y).to(torch.float64)
-    with serial_lapack(h):
-        theta, c = torch.linalg.eigh(h)
-    theta, c = theta.flip(0).clamp_min(0), c.flip(1)
-    z64, x64 = z.to(torch.float64), x.to(torch.float64)
-    resid = torch.linalg.vector_norm(z64 @ c - (x64 @ c) * theta, dim=0)
-    return theta, c, resid
-
-
-def certificate(theta: Tensor, resid: Tensor, r: int) -> tuple[float, float]:
-    """(projector bound, singular-value bound / s_max) of the top-r Ritz pairs; inf when no gap is
-    certified. theta (k,) descending Ritz values of W^T W (k > r), resid (k,) their residual norms."""
-    t = theta.to(torch.float64)
-    rho = resid.to(torch.float64)
-    s_max = math.sqrt(max(float(t[0]), 0.0))
-    if s_max == 0.0 or float(t[r - 1]) <= 0.0:
-        return math.inf, math.inf
-    by_block = float(t[r] + rho[r])
-    by_gap = (math.sqrt(float(t[r - 1] + rho[r - 1])) - GAP_FLOOR * s_max) ** 2
-    lam_next = min(by_block, by_gap) if math.sqrt(float(t[r - 1] + rho[r - 1])) > GAP_FLOOR * s_max else by_block
-    delta = t[:r] - lam_next
-    if float(delta.min()) <= 0.0:
-        return math.inf, math.inf
-    proj = math.sqrt(2.0 * float(((rho[:r] / delta) ** 2).sum()) / r)
-    sing = float((rho[:r] / t[:r].sqrt()).max()) / s_max
-    return proj, sing
-
-
-def _outside_energy(w: Tensor, basis: Tensor) -> float:
-    """A lower bound of the largest eigenvalue of W^T W outside span(basis): fixed-seed block power steps
-    deflated against it, then Rayleigh-Ritz (as `bases.bases_from_claimed_v` does)."""
-    probe = _gaussian(w.shape[1], _PROBE_COLUMNS, w.device, salt=1).to(w.dtype)
-    for _ in range(_PROBE_ITERS):
-        probe = _orth(probe - basis @ (basis.T @ probe))
-        probe = w.T @ (w @ probe)
-    probe = _orth(probe - basis @ (basis.T @ probe))
-    wp = (w @ probe).to(torch.float64)
-    with serial_lapack(wp):
-        return float(torch.linalg.eigvalsh(wp.T @ wp)[-1])
-
-
 def warm_top_bases(w: Tensor, rank: int, v_start: Tensor) -> Bases | None:
     """Top-r bases of `w` (2-D or 4-D) from a start `v_start` (n, c) near its top right subspace, or None.
 
@@ -163,15 +103,15 @@ def warm_top_bases(w: Tensor, rank: int, v_start: Tensor) -> Bases | None:
     k = min(m, r + oversample(r))
     if k <= r:
         return None
-    x = _orth(torch.cat([start, _gaussian(n, k - start.shape[1], w32.device)], dim=1))
+    x = orth(torch.cat([start, gaussian(n, k - start.shape[1], w32.device)], dim=1))
 
     best, stalled = math.inf, 0
     for _ in range(_MAX_ITERS):
         y = w32 @ x
         z = w32.T @ y
-        theta, c, resid = _ritz(y, z, x)
+        theta, c, resid = ritz(y, z, x)
         proj, _ = certificate(theta, resid, r)
-        x = _orth((z.to(torch.float64) @ c).to(torch.float32))
+        x = orth((z.to(torch.float64) @ c).to(torch.float32))
         # float32 residuals carry the products' rounding: once they meet the tolerance with room, or
         # stop improving (the float32 floor), the float64 steps take over and decide
         if proj <= 0.25 * PROJECTOR_TOL:
@@ -186,16 +126,16 @@ def warm_top_bases(w: Tensor, rank: int, v_start: Tensor) -> Bases | None:
     for _ in range(_F64_STEPS):
         y = w64 @ x64
         z = w64.T @ y
-        theta, c, resid = _ritz(y, z, x64)
+        theta, c, resid = ritz(y, z, x64)
         proj, sing = certificate(theta, resid, r)
         if proj <= PROJECTOR_TOL and sing <= SINGULAR_TOL:
             break
-        x64 = _orth(z @ c)
+        x64 = orth(z @ c)
     else:
         return None
     block = x64 @ c
     v = block[:, :r]
-    if _outside_energy(w32, block.to(torch.float32)) > float(theta[r - 1]):
+    if outside_energy(w32, block.to(torch.float32)) > float(theta[r - 1]):
         return None           # a direction outside the block beats the r-th: the block is not the top
     s = theta[:r].sqrt()
     u = _orthonormal_factor(y @ c[:, :r], s)
