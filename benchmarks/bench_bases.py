@@ -9,6 +9,10 @@ fp16 source with a decaying spectrum and its 5% drift (bench_transfer's recipe);
 source's top-r V rounded to fp16 (what a LoRA-X file stores). It prints gram/warm (higher: the warm
 start is faster), whether the certificate held, the error against gram, and what `warm_start_pays`
 says for the shape, so that rule can be checked against the measurement.
+
+--mixed instead times the CPU gram method's float32 start (lorax/mixed_gram.py) against its float64
+path, on one thread, on SD1.5 shapes with a fresh-init (flat) and a realistic spectrum: float64 / mixed
+(higher: mixed is faster), whether the certificate held, and the error between the two.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import time
 
 import torch
 
+from sd_scripts_lorax.lorax import bases as bases_module
 from sd_scripts_lorax.lorax import top_bases, top_bases_batched
+from sd_scripts_lorax.lorax.mixed_gram import mixed_pays, top_eigh_mixed
 from sd_scripts_lorax.lorax.lapack import serial_blas
 from sd_scripts_lorax.lorax.warm_bases import warm_start_pays, warm_top_bases
 from sd_scripts_lorax.testing.fixture_math import decaying_matrix, drift_tensor
@@ -38,6 +44,34 @@ def realistic(out: int, n: int, seed: int) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
     s = torch.linspace(1.0, 0.05, m) ** 2
     return (u * s) @ vh
+
+
+def fresh_init(out: int, n: int, seed: int) -> torch.Tensor:
+    """A freshly initialised layer (uniform, Kaiming-like scale): a flat top spectrum, the hard case."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(out, n, generator=g) * 2 - 1) / math.sqrt(n)
+
+
+def mixed_table(args) -> None:
+    shapes = [(768, 768), (768, 3072), (3072, 768), (1280, 1280), (10240, 1280), (1280, 5120), (640, 640)]
+    print(f"{'shape':>12} {'r':>4} {'spectrum':>9} {'float64 s':>10} {'mixed s':>9} {'x':>6} {'cert':>5} {'err':>9}")
+    float64_only = lambda m, big, r: False  # noqa: E731
+    torch.set_num_threads(1)
+    for out, n in shapes:
+        for name, make in (("init", fresh_init), ("realistic", realistic)):
+            w = make(out, n, 0)
+            for r in args.ranks:
+                bases_module.mixed_pays = float64_only
+                t64, b64 = timed(lambda: top_bases(w, r, "gram"), args.repeats, torch.device("cpu"))
+                bases_module.mixed_pays = mixed_pays
+                tmix, bmix = timed(lambda: top_bases(w, r, "gram"), args.repeats, torch.device("cpu"))
+                m, big = min(out, n), max(out, n)
+                with serial_blas():
+                    cert = mixed_pays(m, big, r) and top_eigh_mixed(w, r, out <= n) is not None
+                print(f"{f'{out}x{n}':>12} {r:>4} {name:>9} {t64:10.4f} {tmix:9.4f} {t64 / tmix:6.2f} "
+                      f"{'yes' if cert else 'no':>5} {proj_err(bmix.u, b64.u):9.1e}")
+    print("x = float64 time / mixed time (higher: mixed is faster), one thread; cert = the float32 start was"
+          " certified (else the float64 path ran after it, or it was not tried); err = projector distance")
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
@@ -85,8 +119,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="stack size for the batched timing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warm", action="store_true", help="time the warm start against gram on drifted pairs")
+    ap.add_argument("--mixed", action="store_true", help="time gram's float32 start against its float64 path")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.mixed:
+        print(f"torch {torch.__version__}, one thread, repeats {args.repeats} (median)")
+        mixed_table(args)
+        return
     if args.warm:
         print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
         warm_table(args, device)
