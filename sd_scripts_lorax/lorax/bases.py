@@ -9,7 +9,7 @@ column flipped with it), so the same weights always give the same bases:
   other factor by one matmul, orthonormalised by a QR (which also completes the basis where
   singular values are zero). On the CPU only the r wanted eigenpairs are computed (LAPACK's MRRR
   through scipy), so the cost falls with r; at small rank (r + p <= m / 20, m >= 512) a float32 Gram
-  and Lanczos give a start that a float64 Rayleigh-Ritz step must certify to half the tolerances
+  and eigensolver give a start that a float64 Rayleigh-Ritz step must certify to half the tolerances
   below (`mixed_gram`), else the float64 path runs. Tolerance vs "exact": the projectors U U^T and V V^T agree to
   ||P_gram - P_exact||_F / sqrt(r) < 1e-4 and singular values to 1e-5 relative (of s_max) whenever
   the spectrum is not degenerate at r (s_r - s_{r+1} > 1e-3 s_max); the float64 Gram matrix keeps

@@ -3,11 +3,12 @@ certified in float64 (the CPU "gram" method's fast path, docs/design.md §2).
 
 Why: at the ranks kohya users train, the float64 Gram (syrk) and its eigensolver (dsyevr) are the
 whole cost of a network's bases, about 10 s of every first launch on SD1.5. The Gram is twice as fast
-in float32 and Lanczos is 3-4x faster than dsyevr for a few eigenpairs, and the float32 subspace is
-~1e-6 off, far inside the 1e-4 the "gram" method promises. But float32 rounding alone guarantees
-nothing where singular values are close, so the float32 result is only a start:
+in float32 and the eigensolver about 1.7x, and the float32 subspace is ~1e-6 off, far inside the
+1e-4 the "gram" method promises. But float32 rounding alone guarantees nothing where singular values
+are close, so the float32 result is only a start:
 
-- the top k = r + p eigenvectors of the float32 Gram (ssyrk through `lapack`, then ARPACK's Lanczos);
+- the top k = r + p eigenvectors of the float32 Gram (ssyrk and ssyevr through `lapack`, GIL released;
+  ARPACK's Lanczos was 3x faster on one thread but no faster on two workers: GIL and memory bandwidth);
 - a float64 Rayleigh-Ritz step of W^T W on their span (two products with W in float64), certified
   by `block_certificate` to the warm start's limits (projector error <= 5e-5 and singular values
   <= 5e-6 s_max, half the "gram" tolerances), with one more float64 subspace step if it misses;
