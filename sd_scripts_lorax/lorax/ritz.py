@@ -1,7 +1,8 @@
 """Rayleigh-Ritz pieces shared by the bases that start from an approximate top subspace and
-certify the result instead of trusting it (`warm_bases`: a related weight's V; `bases`' mixed-precision
-Gram: a float32 eigensolve): the Ritz pairs of W^T W on a block, their residual certificate, and a
-probe for directions the block misses. See warm_bases' docstring for what the certificate guarantees.
+certify the result instead of trusting it (`warm_bases`: a related weight's V; `mixed_gram`: a float32
+eigensolve): the Ritz pairs of W^T W on a block, and for the warm start its residual certificate and a
+probe for directions the block misses (see warm_bases' docstring for what that certificate guarantees;
+mixed_gram has its own, with a bound on what the block misses).
 """
 
 from __future__ import annotations
@@ -66,17 +67,15 @@ def ritz(y: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return theta, c, resid
 
 
-def certificate(theta: Tensor, resid: Tensor, r: int, outside: float = 0.0) -> tuple[float, float]:
+def certificate(theta: Tensor, resid: Tensor, r: int) -> tuple[float, float]:
     """(projector bound, singular-value bound / s_max) of the top-r Ritz pairs; inf when no gap is
-    certified. theta (k,) descending Ritz values of W^T W (k > r), resid (k,) their residual norms;
-    `outside`: a bound on the eigenvalues of W^T W whose eigenvectors the block does not hold (0 when
-    a separate probe checks that instead)."""
+    certified. theta (k,) descending Ritz values of W^T W (k > r), resid (k,) their residual norms."""
     t = theta.to(torch.float64)
     rho = resid.to(torch.float64)
     s_max = math.sqrt(max(float(t[0]), 0.0))
     if s_max == 0.0 or float(t[r - 1]) <= 0.0:
         return math.inf, math.inf
-    by_block = max(float(t[r] + rho[r]), outside)
+    by_block = float(t[r] + rho[r])
     by_gap = (math.sqrt(float(t[r - 1] + rho[r - 1])) - GAP_FLOOR * s_max) ** 2
     lam_next = min(by_block, by_gap) if math.sqrt(float(t[r - 1] + rho[r - 1])) > GAP_FLOOR * s_max else by_block
     delta = t[:r] - lam_next
