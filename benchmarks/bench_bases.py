@@ -1,6 +1,7 @@
 """Time top-r bases: exact vs gram vs randomized vs batched gram, on SD1.5 layer shapes.
 
-Usage: python benchmarks/bench_bases.py [--ranks 32 320] [--repeats 3] [--device cpu] [--batch 4] [--warm]
+Usage: python benchmarks/bench_bases.py [--ranks 32 320] [--repeats 3] [--device cpu] [--batch 4]
+                                        [--warm | --mixed | --kohya]
 Prints, per shape and rank, the median seconds per matrix and the ratio against "exact" measured in
 the same run, plus the projector error of each method against exact (||P - P_exact||_F / sqrt(r)).
 
@@ -13,6 +14,14 @@ says for the shape, so that rule can be checked against the measurement.
 --mixed instead times the CPU gram method's float32 start (lorax/mixed_gram.py) against its float64
 path, on one thread, on SD1.5 shapes with a fresh-init (flat) and a realistic spectrum: float64 / mixed
 (higher: mixed is faster), whether the certificate held, and the error between the two.
+
+--kohya instead times the whole layer set networks.lora_x computes on a first kohya launch (SD1.5:
+72 text-encoder and 192 UNet layers) at --ranks[0] (4 by default there), freshly initialised (the
+flat spectrum of bench_kohya's random checkpoint), on one thread: per shape, the seconds of the
+bases call, of its dense LAPACK part alone (the float32 Gram by ssyrk and the eigensolver ssyevr:
+the floor of any method that needs a dense eigensolve), and the projector error a block Krylov
+iteration on the same float32 Gram (no dense eigensolve) still has after as many block products as
+fit in the eigensolver's time. Totals are over the layer counts.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ import torch
 
 from sd_scripts_lorax.lorax import bases as bases_module
 from sd_scripts_lorax.lorax import top_bases, top_bases_batched
-from sd_scripts_lorax.lorax.mixed_gram import mixed_pays, top_eigh_mixed
-from sd_scripts_lorax.lorax.lapack import serial_blas
+from sd_scripts_lorax.lorax.mixed_gram import mixed_pays, oversample, top_eigh_mixed
+from sd_scripts_lorax.lorax.lapack import gram_upper, serial_blas, top_eigh
 from sd_scripts_lorax.lorax.warm_bases import warm_start_pays, warm_top_bases
 from sd_scripts_lorax.testing.fixture_math import decaying_matrix, drift_tensor
 
@@ -74,6 +83,64 @@ def mixed_table(args) -> None:
           " certified (else the float64 path ran after it, or it was not tried); err = projector distance")
 
 
+def sd15_first_launch() -> list[tuple[int, int, int]]:
+    """(out, in, count) of the layers networks.lora_x targets on SD1.5 (kohya's defaults, conv_dim unset)."""
+    layers = [(768, 768, 48), (3072, 768, 12), (768, 3072, 12)]      # CLIP-L: q, k, v, out; fc1; fc2
+    for c, blocks in ((320, 5), (640, 5), (1280, 6)):                   # transformer blocks per width
+        # attn1 q/k/v/out, attn2 q/out, proj_in/out (1x1); attn2 k/v (from 768); GEGLU in; ff out
+        layers += [(c, c, 8 * blocks), (c, 768, 2 * blocks), (8 * c, c, blocks), (c, 4 * c, blocks)]
+    return layers
+
+
+def block_krylov_error(g: torch.Tensor, k: int, budget_s: float, exact_top: torch.Tensor) -> tuple[int, float]:
+    """(block products, projector error of the top r) of a block Krylov iteration (block k, full
+    reorthogonalisation, float32) on the Gram g, run for `budget_s` seconds."""
+    r = exact_top.shape[1]
+    blocks = [torch.linalg.qr(torch.randn(g.shape[0], k, generator=torch.Generator().manual_seed(0)))[0]]
+    t0, steps = time.perf_counter(), 0
+    while True:
+        y = g @ blocks[-1]
+        basis = torch.cat(blocks, 1)
+        for _ in range(2):
+            y = y - basis @ (basis.T @ y)
+        blocks.append(torch.linalg.qr(y)[0])
+        steps += 1
+        if time.perf_counter() - t0 >= budget_s or len(blocks) * k >= g.shape[0] // 2:
+            break
+    basis = torch.cat(blocks, 1).double()
+    _, c = torch.linalg.eigh(basis.T @ (g.double() @ basis))
+    top = basis @ c[:, -r:]
+    return steps, proj_err(top, exact_top)
+
+
+def kohya_table(args) -> None:
+    r = args.ranks[0]
+    torch.set_num_threads(1)
+    print(f"{'shape':>11} {'count':>5} {'bases s':>8} {'LAPACK s':>9} {'share':>6} {'Krylov steps':>12} "
+          f"{'Krylov err':>10}")
+    tot_all = tot_lapack = 0.0
+    for out, n, count in sd15_first_launch():
+        w = fresh_init(out, n, 0)
+        small_side_is_u = out <= n
+        m, big = min(out, n), max(out, n)
+        k = min(m - 1, r + oversample(r, m, big))
+        with serial_blas():
+            t_all, b = timed(lambda: top_bases(w, r, "gram"), args.repeats, torch.device("cpu"))
+            t_gram, g = timed(lambda: gram_upper(w.numpy(), small_side_is_u), args.repeats, torch.device("cpu"))
+            t_eig, _ = timed(lambda: top_eigh(g.copy(order="F"), k), args.repeats, torch.device("cpu"))
+            full = torch.from_numpy(g.T).tril()
+            full = full + full.tril(-1).T
+            steps, err = block_krylov_error(full, k, t_eig, (b.u if small_side_is_u else b.v).double())
+        tot_all += count * t_all
+        tot_lapack += count * (t_gram + t_eig)
+        print(f"{f'{out}x{n}':>11} {count:>5} {t_all:8.4f} {t_gram + t_eig:9.4f} {(t_gram + t_eig) / t_all:6.2f} "
+              f"{steps:>12} {err:10.1e}")
+    print(f"total over {sum(c for *_, c in sd15_first_launch())} layers, one thread: bases {tot_all:.2f} s, "
+          f"of which dense LAPACK {tot_lapack:.2f} s ({100 * tot_lapack / tot_all:.0f} %); rank {r}")
+    print("LAPACK = float32 ssyrk + ssyevr (top k); Krylov err = projector error after block products worth the"
+          " eigensolver's time (the certificate needs <= 5e-5)")
+
+
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -114,14 +181,20 @@ def warm_table(args, device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 320])
+    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="default 32 320 (--kohya: 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4, help="stack size for the batched timing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warm", action="store_true", help="time the warm start against gram on drifted pairs")
     ap.add_argument("--mixed", action="store_true", help="time gram's float32 start against its float64 path")
+    ap.add_argument("--kohya", action="store_true", help="time the SD1.5 first-launch layer set and its LAPACK floor")
     args = ap.parse_args()
+    args.ranks = args.ranks or ([4] if args.kohya else [32, 320])
     device = torch.device(args.device)
+    if args.kohya:
+        print(f"torch {torch.__version__}, one thread, repeats {args.repeats} (median)")
+        kohya_table(args)
+        return
     if args.mixed:
         print(f"torch {torch.__version__}, one thread, repeats {args.repeats} (median)")
         mixed_table(args)

@@ -32,12 +32,13 @@ DISTILL_FLAGS = {  # argparse dest -> (flag, DistillOptions field)
     "distill_sample_steps": ("--distill_sample_steps", "sample_steps"), "guidance": ("--guidance", "guidance"),
     "keep_weight": ("--keep_weight", "keep_weight"), "keep_samples": ("--keep_samples", "keep_samples"),
     "distill_params": ("--distill_params", "params"),
+    "lr_scheduler": ("--lr_scheduler", "lr_scheduler"), "lr_warmup_steps": ("--lr_warmup_steps", "lr_warmup_steps"),
 }
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """The distill method's flags (None = the method's default, so other methods can refuse them)."""
-    from .distill.options import DistillOptions
+    from .distill.options import LR_SCHEDULERS, DistillOptions
 
     d = DistillOptions()
     g = p.add_argument_group("--method distill")
@@ -45,6 +46,10 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts, one per line (default: the LoRA's ss_tag_frequency captions)")
     g.add_argument("--steps", type=int, default=None, help=f"refinement steps (default {d.steps})")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
+    g.add_argument("--lr_scheduler", choices=list(LR_SCHEDULERS), default=None,
+                   help=f"learning-rate schedule after the warm-up (kohya's names; default {d.lr_scheduler})")
+    g.add_argument("--lr_warmup_steps", type=int, default=None,
+                   help=f"steps of linear warm-up to --lr (default {d.lr_warmup_steps})")
     g.add_argument("--batch_size", type=int, default=None, help=f"items per step (default {d.batch_size})")
     g.add_argument("--seed", type=int, default=None, help=f"seed of every random draw (default {d.seed})")
     g.add_argument("--distill_samples", type=int, default=None,
@@ -96,7 +101,8 @@ def _run_distill(args: argparse.Namespace) -> list:
     copy = "" if d.match_error_copy is None else f"copy {d.match_error_copy:.3f}, "
     print(f"distill: held-out match error to source + adapter (target without adapter = 1): {copy}"
           f"projection {d.match_error_before:.3f} -> distill {d.match_error_after:.3f} "
-          f"({d.trained_modules} modules, {d.options['steps']} steps, {d.seconds['total']:.0f} s)")
+          f"({d.trained_modules} modules, {d.options['steps']} steps, {d.seconds['total']:.0f} s; compute "
+          f"{100 * d.compute_share:.1f} % of training the adapter on the target, 5000 steps of batch 8)")
     return [rep]
 
 

@@ -54,6 +54,7 @@ def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: DistillOpti
         return res
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     use_keep = keep is not None and len(keep) > 0 and cfg.keep_weight > 0
     # without trained text-encoder modules the conditioning is fixed: encode once
     fixed_m = None if te_trained else _conds(model, match.prompts, False)
@@ -70,11 +71,26 @@ def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: DistillOpti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         res.curve.append(float(loss.detach()))
         res.match_curve.append(float(lm.detach()))
         if progress is not None:
             progress(step, res.curve[-1])
     return res
+
+
+def lr_factor(step: int, cfg: DistillOptions) -> float:
+    """The learning rate at `step` as a share of --lr: a linear warm-up over --lr_warmup_steps, then
+    constant, or decaying to 0 at the last step (cosine / linear)."""
+    warm = min(cfg.lr_warmup_steps, cfg.steps)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    done = (step - warm) / max(1, cfg.steps - warm)
+    if cfg.lr_scheduler == "linear":
+        return 1.0 - done
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 @torch.no_grad()

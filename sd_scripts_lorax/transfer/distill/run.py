@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,6 +61,9 @@ class DistillReport:
     identity_drift_copy: float | None
     teacher_cached: bool
     seconds: dict
+    # UNet passes by stage (DistillOptions.unet_passes) and their share of training on the target
+    unet_passes: dict = field(default_factory=dict)
+    compute_share: float = math.nan
 
     def to_json(self) -> dict:
         def clean(v):
@@ -225,7 +228,8 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
         identity_drift_before=mse(keep_before, held_k.y) if keep_before is not None else None,
         identity_drift_after=mse(keep_after, held_k.y) if keep_after is not None else None,
         identity_drift_copy=mse(copy_keep, held_k.y) if copy_keep is not None else None,
-        teacher_cached=cached, seconds={})
+        teacher_cached=cached, seconds={}, unet_passes=opts.unet_passes(len(prompts.identity)),
+        compute_share=opts.compute_share(len(prompts.identity)))
     new_modules = adapter.modules(projected.modules)
     adapter.remove()
     del tgt
