@@ -32,7 +32,8 @@ DISTILL_FLAGS = {  # argparse dest -> (flag, DistillOptions field)
     "distill_sample_steps": ("--distill_sample_steps", "sample_steps"), "guidance": ("--guidance", "guidance"),
     "keep_weight": ("--keep_weight", "keep_weight"), "keep_samples": ("--keep_samples", "keep_samples"),
     "distill_params": ("--distill_params", "params"),
-    "lr_scheduler": ("--lr_scheduler", "lr_scheduler"), "lr_warmup_steps": ("--lr_warmup_steps", "lr_warmup_steps"),
+    "micro_batch": ("--micro_batch", "micro_batch"), "lr_scheduler": ("--lr_scheduler", "lr_scheduler"),
+    "lr_warmup_steps": ("--lr_warmup_steps", "lr_warmup_steps"),
 }
 
 
@@ -51,6 +52,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_warmup_steps", type=int, default=None,
                    help=f"steps of linear warm-up to --lr (default {d.lr_warmup_steps})")
     g.add_argument("--batch_size", type=int, default=None, help=f"items per step (default {d.batch_size})")
+    g.add_argument("--micro_batch", type=int, default=None,
+                   help="items per forward/backward within a step, the gradient accumulated (default: the whole "
+                        "batch; 2 keeps full-size SD1.5 well inside 24 GiB on a CPU)")
     g.add_argument("--seed", type=int, default=None, help=f"seed of every random draw (default {d.seed})")
     g.add_argument("--distill_samples", type=int, default=None,
                    help=f"latents the source + adapter samples (default {d.samples})")

@@ -148,6 +148,15 @@ def test_deterministic_under_seed_and_improves_the_match(tmp_path, sd1_lora, tin
     torch.testing.assert_close(down, bt.v.T, atol=1e-3, rtol=1e-3)
     up = m.up.float().reshape(m.up.shape[0], 4)
     torch.testing.assert_close(bt.u @ (bt.u.T @ up), up, atol=1e-3, rtol=1e-3)
+    # micro-batches (with the identity term too): the same gradients, so the same file up to rounding
+    mb, mb1 = tmp_path / "mb.safetensors", tmp_path / "mb1.safetensors"
+    keep = {**opts.__dict__, "keep_weight": 0.5, "steps": 6}
+    run_distill(sd1_lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, mb, DistillOptions(**keep))
+    run_distill(sd1_lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, mb1,
+                DistillOptions(**{**keep, "micro_batch": 1}))
+    tm, tm1 = tensors(mb), tensors(mb1)
+    for k in tm:
+        torch.testing.assert_close(tm1[k].float(), tm[k].float(), atol=2e-3, rtol=2e-3)
     # another seed, another result
     c_ = tmp_path / "c.safetensors"
     run_distill(sd1_lora, tiny_sd1_diffusers, tiny_sd1_diffusers_derived, c_,

@@ -15,6 +15,7 @@ every random draw comes from one seeded generator, so a seed gives the same resu
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,7 @@ from .teacher import MatchSet, _autocast, _pick
 class FitResult:
     curve: list[float] = field(default_factory=list)       # the objective at every step
     match_curve: list[float] = field(default_factory=list)  # its matching term
+    seconds: float = 0.0                                     # wall time of the steps alone
 
 
 def _conds(model, prompts: list[str], grad: bool):
@@ -59,24 +61,37 @@ def fit(model, adapter, match: MatchSet, keep: MatchSet | None, cfg: DistillOpti
     # without trained text-encoder modules the conditioning is fixed: encode once
     fixed_m = None if te_trained else _conds(model, match.prompts, False)
     fixed_k = None if (te_trained or not use_keep) else _conds(model, keep.prompts, False)
+    t0 = time.perf_counter()
     for step in range(cfg.steps):
-        cm = fixed_m if fixed_m is not None else _conds(model, match.prompts, True)
         idx = torch.randint(0, len(match), (min(cfg.batch_size, len(match)),), generator=gen)
-        lm = _term(model, match, idx, cm, precision)
-        loss = lm
-        if use_keep:
-            ck = fixed_k if fixed_k is not None else _conds(model, keep.prompts, True)
-            kidx = torch.randint(0, len(keep), (min(cfg.batch_size, len(keep)),), generator=gen)
-            loss = lm + cfg.keep_weight * _term(model, keep, kidx, ck, precision)
+        kidx = torch.randint(0, len(keep), (min(cfg.batch_size, len(keep)),), generator=gen) if use_keep else None
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lm = _accumulate(model, match, idx, fixed_m, precision, cfg.micro_batch, 1.0)
+        lk = (_accumulate(model, keep, kidx, fixed_k, precision, cfg.micro_batch, cfg.keep_weight)
+              if use_keep else 0.0)
         opt.step()
         sched.step()
-        res.curve.append(float(loss.detach()))
-        res.match_curve.append(float(lm.detach()))
+        res.curve.append(lm + lk)
+        res.match_curve.append(lm)
         if progress is not None:
             progress(step, res.curve[-1])
+    res.seconds = time.perf_counter() - t0
     return res
+
+
+def _accumulate(model, s: MatchSet, idx: torch.Tensor, fixed_cond, precision: str, micro_batch: int,
+                weight: float) -> float:
+    """weight * the batch's mean squared error, its gradient accumulated micro-batch by micro-batch (the
+    same gradient as the whole batch at once, with the activations of one micro-batch in memory)."""
+    size = micro_batch if micro_batch > 0 else len(idx)
+    total = 0.0
+    for start in range(0, len(idx), size):
+        part = idx[start:start + size]
+        cond = fixed_cond if fixed_cond is not None else _conds(model, s.prompts, True)
+        loss = _term(model, s, part, cond, precision) * (weight * len(part) / len(idx))
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def lr_factor(step: int, cfg: DistillOptions) -> float:

@@ -241,7 +241,8 @@ def distill_transfer(lora: str | os.PathLike, source_model: str | os.PathLike, t
     dtype = SAVE_PRECISIONS[save_precision] if save_precision else first.up.dtype
     t_end = time.perf_counter()
     drep.seconds = {"projection": round(t_proj - t_start, 2), "teacher": round(t_teacher - t_proj, 2),
-                    "fit": round(t_fit - t_teacher, 2), "total": round(t_end - t_start, 2)}
+                    "fit": round(t_fit - t_teacher, 2),
+                    "fit_steps": round(result.seconds, 3), "total": round(t_end - t_start, 2)}
     if out is not None:
         rep.output = str(out)
     doc = rep.to_json()
