@@ -8,7 +8,8 @@ Objective (all on the synthetic sets of `teacher`):
 
 The first term is output matching (what the source + adapter does, including how the rest of the
 network responds); the second keeps the target's own behaviour where the adapter's prompts do not
-apply, so the fine-tune is not pulled back toward the source. Adam on the adapter's parameters only;
+apply, so the fine-tune is not pulled back toward the source. Adam on the adapter's parameters only
+(learning rate warmed up, then decayed: `lr_factor`; a step's batch optionally in micro-batches);
 every random draw comes from one seeded generator, so a seed gives the same result.
 """
 

@@ -12,6 +12,7 @@ PARAM_MODES = ("d", "core")
 # forward and one backward pass through the UNet (counted as 3 forward passes, as the fit's steps are)
 PAPER_TRAINING_PASSES = 5000 * 8 * 3
 LR_SCHEDULERS = ("constant", "cosine", "linear")
+HELD_OUT_EVERY = 8  # every 8th teacher latent is held out for the match error (MatchSet.split)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,6 @@ class DistillOptions:
         return sum(self.unet_passes(n_prompts).values()) / PAPER_TRAINING_PASSES
 
 
-def _held_latents(samples: int, every: int = 8) -> int:
+def _held_latents(samples: int, every: int = HELD_OUT_EVERY) -> int:
     """Latents `MatchSet.split` holds out of `samples`."""
     return 0 if samples < 2 else max(1, samples // every)

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from ...formats.atomic import atomic_write
+from .options import HELD_OUT_EVERY
 
 SET_VERSION = "distill-set v1"
 
@@ -54,7 +55,7 @@ class MatchSet:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
-    def split(self, every: int = 8) -> tuple["MatchSet", "MatchSet"]:
+    def split(self, every: int = HELD_OUT_EVERY) -> tuple["MatchSet", "MatchSet"]:
         """(train, held-out): every `every`-th latent (and all its items) is held out, at least one."""
         n = int(self.group.max()) + 1 if len(self) else 0
         if n < 2:  # nothing to hold out: the held-out figures are then in-sample
